@@ -1,0 +1,1 @@
+"""Data path: segmentation, tokenizer, indexed datasets with word-boundary metadata."""

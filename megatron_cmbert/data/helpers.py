@@ -1,0 +1,53 @@
+"""Hot data helpers: a compiled C++ version (megatron_cmbert._C) when it was built, else numpy.
+
+Both implementations follow the same contract; tests/test_helpers.py checks they agree.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # built by setup.py when a compiler was available
+    from megatron_cmbert import _C  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the install
+    _C = None
+
+HAVE_CPP = _C is not None
+
+
+def word_start_flags_numpy(
+    token_starts: np.ndarray, doc_token_offsets: np.ndarray, char_is_start: np.ndarray
+) -> np.ndarray:
+    """uint8 flags, 1 where a token starts a whole-word unit (numpy twin of ``_C.word_start_flags``).
+
+    A token starts a unit when it is the first token of its document, or when its start offset is a
+    segmenter word boundary and differs from the previous token's start (the byte-fallback pieces of
+    one character share a start offset and must stay in one unit).
+
+    Args:
+        token_starts: int64 global character offsets of each token (documents concatenated).
+        doc_token_offsets: int64 ``[0, n0, n0+n1, ...]`` token boundaries of the documents.
+        char_is_start: uint8, 1 at each character offset where a segmenter word starts.
+    """
+    starts = np.ascontiguousarray(token_starts, dtype=np.int64)
+    offs = np.ascontiguousarray(doc_token_offsets, dtype=np.int64)
+    is_start = np.ascontiguousarray(char_is_start, dtype=np.uint8)
+    if offs.size < 1 or offs[0] != 0 or offs[-1] != starts.size:
+        raise ValueError("doc_token_offsets must start at 0 and end at len(token_starts)")
+    if np.any(np.diff(offs) < 0):
+        raise ValueError("doc_token_offsets must be non-decreasing")
+    if starts.size and (starts.min() < 0 or starts.max() >= is_start.size):
+        raise IndexError("token start outside the text")
+    flags = is_start[starts] != 0
+    flags[1:] &= starts[1:] != starts[:-1]
+    firsts = offs[:-1][offs[:-1] < offs[1:]]
+    flags[firsts] = True
+    return flags.astype(np.uint8)
+
+
+def word_start_flags(
+    token_starts: np.ndarray, doc_token_offsets: np.ndarray, char_is_start: np.ndarray
+) -> np.ndarray:
+    """Dispatch to the C++ helper when built, else the numpy twin (same output)."""
+    if _C is not None:
+        return _C.word_start_flags(token_starts, doc_token_offsets, char_is_start)
+    return word_start_flags_numpy(token_starts, doc_token_offsets, char_is_start)
