@@ -27,6 +27,7 @@ class Record:
     obj: Optional[dict]
     reason: Optional[str] = None
     detail: str = ""
+    nbytes: int = 0  # size of the raw line, for progress in MB/s
 
     @property
     def where(self) -> str:
@@ -53,11 +54,15 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
     return paths
 
 
-def open_binary(path: str):
-    """Open a plain or gzip-compressed file for binary reading (gzip detected by its magic bytes)."""
+def is_gzip(path: str) -> bool:
+    """True when the file starts with gzip's magic bytes (whatever its name)."""
     with open(path, "rb") as probe:
-        magic = probe.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+        return probe.read(2) == b"\x1f\x8b"
+
+
+def open_binary(path: str):
+    """Open a plain or gzip-compressed file for binary reading."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
 
 
 def iter_records(paths: Iterable[str]) -> Iterator[Record]:
@@ -65,22 +70,23 @@ def iter_records(paths: Iterable[str]) -> Iterator[Record]:
     for path in paths:
         with open_binary(path) as fh:
             for lineno, raw in enumerate(fh, start=1):
+                nbytes = len(raw)
                 if not raw.strip():
                     continue  # blank lines (e.g. a trailing newline) are not documents
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    yield Record(path, lineno, None, "invalid_utf8", f"byte {exc.start}")
+                    yield Record(path, lineno, None, "invalid_utf8", f"byte {exc.start}", nbytes)
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield Record(path, lineno, None, "malformed_json", exc.msg)
+                    yield Record(path, lineno, None, "malformed_json", exc.msg, nbytes)
                     continue
                 if not isinstance(obj, dict):
-                    yield Record(path, lineno, None, "malformed_json", "not a JSON object")
+                    yield Record(path, lineno, None, "malformed_json", "not a JSON object", nbytes)
                     continue
-                yield Record(path, lineno, obj)
+                yield Record(path, lineno, obj, nbytes=nbytes)
 
 
 def get_text(record: Record, key: str) -> tuple[Optional[str], Optional[str]]:

@@ -1,0 +1,104 @@
+"""Streaming writer for Megatron's indexed dataset format (.bin + .idx), with atomic commit.
+
+The files are byte-compatible with ``megatron.core.datasets.indexed_dataset.IndexedDataset``
+(header ``MMIDIDX``, version 1, dtype code, then sequence lengths / pointers / document indices),
+but unlike megatron-core's builder this writer keeps no per-document Python list: lengths are
+spilled to a side file, so memory stays flat however large the corpus is.
+
+Nothing appears under the final names until ``commit_all`` renames the finished temporary files;
+an interrupted run leaves only ``*.partial-<pid>`` files, never a complete-looking ``.bin``/``.idx``.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Sequence
+
+import numpy as np
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+# Megatron's DType codes (megatron/core/datasets/indexed_dataset.py).
+DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
+               np.float64: 6, np.float32: 7, np.uint16: 8}
+_CHUNK = 1 << 20  # elements per streamed block when writing the index
+
+
+def token_dtype(vocab_size: int) -> type:
+    """Smallest dtype for token ids, as Megatron chooses it (uint16 below 65,500 entries)."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+class IndexedDatasetWriter:
+    """Writes one sequence per document to ``<prefix>.bin`` / ``<prefix>.idx``."""
+
+    def __init__(self, prefix: str, dtype: type):
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"unsupported dtype {dtype}")
+        self.prefix, self.dtype = prefix, np.dtype(dtype)
+        suffix = f".partial-{os.getpid()}"
+        self.bin_tmp = prefix + ".bin" + suffix
+        self.idx_tmp = prefix + ".idx" + suffix
+        self.len_tmp = prefix + ".lengths" + suffix
+        self._bin = open(self.bin_tmp, "wb")
+        self._lengths = open(self.len_tmp, "wb")
+        self.num_documents = 0
+        self.num_elements = 0
+
+    def add_documents(self, values: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as one flat array and the length of each document."""
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int32)
+        if int(lengths.sum()) != values.size:
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {values.size} values were given")
+        self._bin.write(values.tobytes())
+        self._lengths.write(lengths.tobytes())
+        self.num_documents += lengths.size
+        self.num_elements += values.size
+
+    def finalize(self) -> None:
+        """Close the data file and write the index, still under temporary names."""
+        self._bin.close()
+        self._lengths.close()
+        n = self.num_documents
+        itemsize = self.dtype.itemsize
+        with open(self.idx_tmp, "wb") as idx, open(self.len_tmp, "rb") as lens:
+            idx.write(INDEX_HEADER)
+            idx.write(struct.pack("<Q", 1))
+            idx.write(struct.pack("<B", DTYPE_CODES[self.dtype.type]))
+            idx.write(struct.pack("<Q", n))       # sequences
+            idx.write(struct.pack("<Q", n + 1))   # document boundaries: one sequence per document
+            for _ in range(0, n, _CHUNK):          # sequence lengths
+                idx.write(lens.read(4 * _CHUNK))
+            lens.seek(0)
+            offset = 0
+            for _ in range(0, n, _CHUNK):          # byte pointers, a running sum carried across blocks
+                block = np.frombuffer(lens.read(4 * _CHUNK), dtype=np.int32).astype(np.int64)
+                ends = np.cumsum(block) * itemsize + offset
+                idx.write((ends - block * itemsize).tobytes())
+                offset = int(ends[-1])
+            for lo in range(0, n + 1, _CHUNK):     # document indices 0..n
+                idx.write(np.arange(lo, min(lo + _CHUNK, n + 1), dtype=np.int64).tobytes())
+        os.remove(self.len_tmp)
+
+    def abort(self) -> None:
+        """Close and delete every temporary file (safe to call twice)."""
+        for fh in (self._bin, self._lengths):
+            fh.close()
+        for path in (self.bin_tmp, self.idx_tmp, self.len_tmp):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def commit_all(writers: Sequence[IndexedDatasetWriter]) -> None:
+    """Move finalized writers to their final names.
+
+    Old final ``.idx`` files are removed first and every ``.idx`` is renamed after every ``.bin``, so at
+    any instant each final ``.bin``/``.idx`` pair is either absent, incomplete (no ``.idx``), or new.
+    """
+    for w in writers:
+        if os.path.exists(w.prefix + ".idx"):
+            os.remove(w.prefix + ".idx")
+    for w in writers:
+        os.replace(w.bin_tmp, w.prefix + ".bin")
+    for w in writers:
+        os.replace(w.idx_tmp, w.prefix + ".idx")

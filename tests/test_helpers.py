@@ -1,0 +1,58 @@
+"""The C++ helpers (megatron_cmbert._C) and their numpy twins give identical results."""
+import numpy as np
+import pytest
+
+from megatron_cmbert.data import helpers
+
+IMPLS = [pytest.param(helpers.word_start_flags_numpy, id="numpy")]
+if helpers.HAVE_CPP:
+    IMPLS.append(pytest.param(helpers._C.word_start_flags, id="cpp"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_word_start_flags_hand_computed(impl):
+    # doc 0: text of 6 chars, words start at 0, 2, 3; tokens start at 0, 1, 2, 2(byte piece), 3, 5
+    # doc 1 (chars 7..): words start at 7, 9; tokens at 7, 8, 9
+    char_is_start = np.zeros(11, dtype=np.uint8)
+    char_is_start[[0, 2, 3, 7, 9]] = 1
+    starts = np.array([0, 1, 2, 2, 3, 5, 7, 8, 9], dtype=np.int64)
+    offsets = np.array([0, 6, 9], dtype=np.int64)
+    expected = [1, 0, 1, 0, 1, 0, 1, 0, 1]
+    assert impl(starts, offsets, char_is_start).tolist() == expected
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_first_token_of_each_document_starts_a_unit_even_off_boundary(impl):
+    char_is_start = np.zeros(8, dtype=np.uint8)  # no boundaries at all
+    starts = np.array([1, 2, 4, 4], dtype=np.int64)
+    offsets = np.array([0, 2, 2, 4], dtype=np.int64)  # an empty document in the middle
+    assert impl(starts, offsets, char_is_start).tolist() == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rejects_offsets_outside_the_text(impl):
+    with pytest.raises((IndexError, ValueError)):
+        impl(np.array([0, 9]), np.array([0, 2]), np.ones(4, dtype=np.uint8))
+    with pytest.raises(ValueError):
+        impl(np.array([0, 1]), np.array([0, 1]), np.ones(4, dtype=np.uint8))
+
+
+@pytest.mark.skipif(not helpers.HAVE_CPP, reason="C++ extension megatron_cmbert._C not built (no compiler)")
+def test_cpp_and_numpy_agree_on_random_inputs():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n_docs = int(rng.integers(1, 8))
+        doc_chars = rng.integers(1, 60, size=n_docs)
+        char_is_start = (rng.random(int(doc_chars.sum())) < 0.5).astype(np.uint8)
+        base = np.concatenate(([0], np.cumsum(doc_chars)[:-1]))
+        starts, lengths = [], []
+        for b, c in zip(base, doc_chars):
+            k = int(rng.integers(0, c + 1))
+            starts.append(np.sort(rng.integers(0, c, size=k)) + b)  # sorted, with repeats
+            lengths.append(k)
+        starts = np.concatenate(starts).astype(np.int64)
+        offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+        a = helpers.word_start_flags_numpy(starts, offsets, char_is_start)
+        b = helpers._C.word_start_flags(starts, offsets, char_is_start)
+        assert a.dtype == b.dtype == np.uint8
+        np.testing.assert_array_equal(a, b)

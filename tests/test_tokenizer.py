@@ -1,0 +1,111 @@
+"""The Chinese BPE tokenizer: lossless round trip, vocabulary size, fixed special ids, HF loading."""
+import json
+import os
+import unicodedata
+
+import pytest
+
+from megatron_cmbert.data.tokenizer import (
+    BYTE_TOKENS, SPECIAL_TOKENS, VOCAB_MULTIPLE, load_tokenizer, save_tokenizer, train_bpe,
+)
+
+RARE = "𠀀𪚥𰻞 (outside any training vocabulary), ㎏ ＡＢＣ １２３ full-width, tabs\tand  spaces\n▁ end"
+
+
+def nfkc(text):
+    return unicodedata.normalize("NFKC", text)
+
+
+def test_round_trip_is_lossless_on_real_text(tokenizer_dir, inews_dev, peoples_daily_gold):
+    tok = load_tokenizer(tokenizer_dir)
+    texts = inews_dev[:500] + ["".join(w) for w in peoples_daily_gold[:2000]] + [RARE]
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    bad = [t[:60] for t, e in zip(texts, encodings) if tok.decode(e.ids, skip_special_tokens=True) != nfkc(t)]
+    assert not bad, f"{len(bad)} texts do not decode to their NFKC form, e.g. {bad[:2]}"
+
+
+def test_rare_characters_fall_back_to_byte_tokens(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    enc = tok.encode("𰻞", add_special_tokens=False)
+    assert enc.tokens == [f"<0x{b:02X}>" for b in "𰻞".encode("utf-8")]
+    assert tok.token_to_id("[UNK]") not in enc.ids
+    assert tok.decode(enc.ids) == "𰻞"
+
+
+def test_vocabulary_layout(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    assert tok.get_vocab_size() == 8192 and tok.get_vocab_size() % VOCAB_MULTIPLE == 0
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i
+    assert [tok.token_to_id(t) for t in BYTE_TOKENS] == list(range(5, 5 + 256))
+
+
+@pytest.mark.parametrize("vocab_size,corpus_slice", [(4096, slice(0, 300)), (5000, slice(1000, 1200))])
+def test_special_ids_stable_and_size_multiple_of_64(inews_train, vocab_size, corpus_slice):
+    tok = train_bpe(inews_train[corpus_slice], vocab_size=vocab_size, show_progress=False)
+    assert tok.get_vocab_size() % 64 == 0
+    assert tok.get_vocab_size() <= vocab_size
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+
+
+def test_tiny_corpus_still_gives_multiple_of_64():
+    tok = train_bpe(["天地玄黄宇宙洪荒"] * 3, vocab_size=4096, show_progress=False)
+    assert tok.get_vocab_size() % 64 == 0
+    assert tok.decode(tok.encode("天地玄黄", add_special_tokens=False).ids) == "天地玄黄"
+
+
+def test_digits_and_punctuation_are_split(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    tokens = tok.encode("2023年，GDP增长5.2%。", add_special_tokens=False).tokens
+    for piece in ("2", "0", "3", ",", "5", ".", "%", "。"):
+        assert piece in tokens
+    assert not any(len(t) > 1 and any(c.isdigit() for c in t) for t in tokens)
+
+
+def test_loads_in_transformers_as_fast_tokenizer(tokenizer_dir, inews_dev):
+    transformers = pytest.importorskip("transformers", reason="needs transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert hf.is_fast
+    assert (hf.pad_token_id, hf.unk_token_id, hf.cls_token_id, hf.sep_token_id, hf.mask_token_id) == (0, 1, 2, 3, 4)
+    for text in inews_dev[:50] + [RARE]:
+        ids = hf(text)["input_ids"]
+        assert ids[0] == 2 and ids[-1] == 3
+        assert hf.decode(ids, skip_special_tokens=True) == nfkc(text)
+    ours = load_tokenizer(tokenizer_dir).encode(inews_dev[0], add_special_tokens=False).ids
+    assert hf(inews_dev[0], add_special_tokens=False)["input_ids"] == ours
+
+
+def test_load_rejects_moved_special_tokens(tmp_path, tokenizer_dir):
+    spec = json.load(open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    vocab["[MASK]"], vocab["<0x00>"] = vocab["<0x00>"], vocab["[MASK]"]
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["content"] != "[MASK]"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"\[MASK\] has id 5, expected 4"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="train one with"):
+        load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_train_tokenizer_tool(tmp_path, inews_train, capsys):
+    from tools import train_tokenizer
+
+    corpus = tmp_path / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as fh:
+        for text in inews_train[:400]:
+            fh.write(json.dumps({"content": text}, ensure_ascii=False) + "\n")
+        fh.write("{broken json\n")
+    info = train_tokenizer.main(
+        ["--input", str(corpus), "--json-key", "content", "--vocab-size", "4100",
+         "--output-dir", str(tmp_path / "tok"), "--heldout-every", "20", "--quiet"])
+    out = capsys.readouterr().out
+    assert info["vocab_size"] == 4096 and info["heldout_documents"] == 20
+    assert info["skipped"] == {"malformed_json": 1}
+    assert "chars/token" in out and "embedding share" in out and "corpus.jsonl:401" in out
+    assert 1.0 < info["heldout_chars_per_token"] < 3.0
+    # the embedding share printed for the paper's vocabulary size matches Table 5 (377.0M, 9.0%)
+    params, share = train_tokenizer.embedding_share(32979)
+    assert round(params / 1e6, 1) == 377.0 and round(100 * share, 1) == 9.0
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert tok.get_vocab_size() == 4096
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tokenizer-")]  # temp dir cleaned up

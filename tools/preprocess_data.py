@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Build Megatron indexed datasets (token ids + whole-word start flags) from jsonl corpora.
+
+Example:
+    python tools/preprocess_data.py --input corpus/*.jsonl.gz --json-keys text \\
+        --tokenizer-model tok32k --output-prefix data/corpus --workers 8
+
+For each key K it writes PREFIX_K_document.bin/.idx (token ids, one sequence per document, no special
+tokens) and PREFIX_K_document_wordstart.bin/.idx (uint8, 1 where a token starts a whole-word unit),
+both readable by megatron.core.datasets.indexed_dataset.IndexedDataset. Output is byte-identical for
+any --workers. Bad lines are skipped and counted (or stop the run with --strict). Files appear under
+their final names only after success.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from typing import Iterator, Optional
+
+from tqdm import tqdm
+
+from megatron_cmbert.data.encode import DocumentEncoder, EncodedChunk, encode_in_worker, init_worker
+from megatron_cmbert.data.indexed import IndexedDatasetWriter, commit_all, token_dtype
+from megatron_cmbert.data.jsonl import BadInputError, SkipCounter, expand_inputs, get_text, is_gzip, iter_records
+from megatron_cmbert.data.tokenizer import load_tokenizer
+
+import numpy as np
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.gz files or globs, read in order")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="fields to index, one dataset each (default: text)")
+    p.add_argument("--tokenizer-model", required=True, help="directory written by tools/train_tokenizer.py")
+    p.add_argument("--output-prefix", required=True, help="path prefix of the output files")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes (default: 1)")
+    p.add_argument("--segmenter", default="rjieba", choices=["rjieba", "jieba"],
+                   help="word segmenter for whole-word units (default: rjieba)")
+    p.add_argument("--user-dict", default=None,
+                   help="jieba-format user dictionary (one 'word [freq]' per line) of words never to split")
+    p.add_argument("--chunk-chars", type=int, default=1_000_000,
+                   help="characters per unit of work sent to a worker (default: 1,000,000)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):  # SIGTERM behaves like Ctrl-C: clean up, leave nothing behind
+    raise _Terminated(f"stopped by signal {signum}")
+
+
+class Reader:
+    """Streams documents in chunks of about ``chunk_chars`` characters, per key, counting skips."""
+
+    def __init__(self, paths: list[str], keys: list[str], chunk_chars: int, strict: bool, progress):
+        self.paths, self.keys, self.chunk_chars, self.strict = paths, keys, chunk_chars, strict
+        self.progress = progress
+        self.skipped = {k: SkipCounter() for k in keys}
+
+    def chunks(self) -> Iterator[tuple[str, list[str]]]:
+        pending = {k: [] for k in self.keys}
+        sizes = dict.fromkeys(self.keys, 0)
+        for record in iter_records(self.paths):
+            self.progress.update(record.nbytes)
+            for key in self.keys:
+                text, reason = get_text(record, key)
+                if text is None:
+                    if self.strict:
+                        detail = f" ({record.detail})" if record.detail else ""
+                        raise BadInputError(f"{record.where}: {reason}{detail} [key {key!r}]")
+                    self.skipped[key].add(reason, record.where)
+                    continue
+                pending[key].append(text)
+                sizes[key] += len(text)
+                if sizes[key] >= self.chunk_chars:
+                    yield key, pending[key]
+                    pending[key], sizes[key] = [], 0
+        for key in self.keys:
+            if pending[key]:
+                yield key, pending[key]
+
+
+def _ordered_map(chunks, workers: int, init_args: tuple) -> Iterator[tuple[str, EncodedChunk]]:
+    """Encode chunks in input order. In-process for one worker; otherwise a pool with at most
+    2 chunks in flight per worker, so memory stays bounded however long the input is."""
+    if workers <= 1:
+        encoder = DocumentEncoder(*init_args)
+        for key, texts in chunks:
+            yield key, encoder.encode(texts)
+        return
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold tokenizer threads
+    with ctx.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
+        pending: collections.deque = collections.deque()
+        for key, texts in chunks:
+            pending.append((key, pool.apply_async(encode_in_worker, (texts,))))
+            if len(pending) >= 2 * workers:
+                key_done, result = pending.popleft()
+                yield key_done, result.get()
+        while pending:
+            key_done, result = pending.popleft()
+            yield key_done, result.get()
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from --workers
+    paths = expand_inputs(args.input)
+    vocab_size = load_tokenizer(args.tokenizer_model).get_vocab_size()
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+
+    writers = {}
+    for key in args.json_keys:
+        base = f"{args.output_prefix}_{key}_document"
+        writers[key] = (IndexedDatasetWriter(base, token_dtype(vocab_size)),
+                        IndexedDatasetWriter(base + "_wordstart", np.uint8))
+    all_writers = [w for pair in writers.values() for w in pair]
+    stats = {k: {"documents": 0, "tokens": 0, "chars": 0} for k in args.json_keys}
+    total_bytes = sum(os.path.getsize(p) for p in paths)
+    # Progress counts uncompressed bytes: the total is only known when no input is gzip-compressed.
+    progress_total = None if any(is_gzip(p) for p in paths) else total_bytes
+    old_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    start = time.time()
+    progress = tqdm(total=progress_total, unit="B", unit_scale=True, desc="preprocess",
+                    disable=args.quiet or None, dynamic_ncols=True)
+    try:
+        reader = Reader(paths, args.json_keys, args.chunk_chars, args.strict, progress)
+        init_args = (args.tokenizer_model, args.segmenter, args.user_dict)
+        for key, chunk in _ordered_map(reader.chunks(), args.workers, init_args):
+            tokens_writer, flags_writer = writers[key]
+            tokens_writer.add_documents(chunk.tokens, chunk.lengths)
+            flags_writer.add_documents(chunk.word_starts, chunk.lengths)
+            s = stats[key]
+            s["documents"] += len(chunk.lengths)
+            s["tokens"] += int(chunk.lengths.sum())
+            s["chars"] += chunk.chars
+            elapsed = max(time.time() - start, 1e-9)
+            progress.set_postfix(docs_per_s=f"{sum(v['documents'] for v in stats.values()) / elapsed:,.0f}")
+        for w in all_writers:
+            w.finalize()
+        commit_all(all_writers)
+    except BaseException as exc:
+        for w in all_writers:
+            w.abort()
+        if isinstance(exc, BadInputError):
+            raise SystemExit(f"error: {exc}") from None
+        if isinstance(exc, (KeyboardInterrupt, _Terminated)):
+            raise SystemExit(f"interrupted ({exc or 'Ctrl-C'}); no output was written") from None
+        raise
+    finally:
+        progress.close()
+        signal.signal(signal.SIGTERM, old_handler)
+
+    seconds = time.time() - start
+    summary = {"seconds": round(seconds, 3), "input_bytes": total_bytes, "keys": {}}
+    for key in args.json_keys:
+        s = stats[key]
+        skipped = reader.skipped[key]
+        summary["keys"][key] = {**s, "chars_per_token": s["chars"] / max(s["tokens"], 1),
+                                "skipped": dict(sorted(skipped.counts.items())),
+                                "output": writers[key][0].prefix}
+        print(f"[{key}] {s['documents']:,} documents, {s['tokens']:,} tokens, {s['chars']:,} chars, "
+              f"{s['chars'] / max(s['tokens'], 1):.3f} chars/token, skipped {skipped.total:,}")
+        for line in skipped.summary_lines():
+            print(line)
+        print(f"[{key}] wrote {writers[key][0].prefix}.bin/.idx and {writers[key][1].prefix}.bin/.idx")
+    chars = sum(s["chars"] for s in stats.values())
+    print(f"done in {seconds:.1f} s: {chars / max(seconds, 1e-9):,.0f} chars/s, "
+          f"{total_bytes / max(seconds, 1e-9) / 1e6:.1f} MB/s with {args.workers} worker(s)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

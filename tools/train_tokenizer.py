@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Train the Chinese character-level BPE tokenizer on jsonl corpora.
+
+Example:
+    python tools/train_tokenizer.py --input corpus/*.jsonl.gz --vocab-size 32000 --output-dir tok32k
+
+Writes DIR/tokenizer.json (loadable by ``tokenizers.Tokenizer.from_file``), the config files for
+``transformers.AutoTokenizer.from_pretrained(DIR)``, and DIR/training_info.json. A deterministic
+held-out slice (every Nth document) is kept out of training to report chars/token honestly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Iterator, Optional
+
+from megatron_cmbert.data.jsonl import SkipCounter, expand_inputs, get_text, iter_records
+from megatron_cmbert.data.tokenizer import VOCAB_MULTIPLE, batched, save_tokenizer, train_bpe
+
+# The paper's large model (Sec. 3, Table 5): 28 layers x 1024 hidden, GeGLU FFN 2624.
+LARGE_LAYERS, LARGE_HIDDEN, LARGE_FFN = 28, 1024, 2624
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.gz files or globs")
+    p.add_argument("--json-key", default="text", help="field holding the text (default: text)")
+    p.add_argument("--vocab-size", type=int, default=32000,
+                   help=f"final vocabulary size incl. special and byte tokens, rounded down to a multiple "
+                        f"of {VOCAB_MULTIPLE} (default: 32000)")
+    p.add_argument("--output-dir", required=True, help="directory for tokenizer.json and HF config files")
+    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: 2)")
+    p.add_argument("--max-token-length", type=int, default=16,
+                   help="longest token in characters; 0 = unlimited (default: 16)")
+    p.add_argument("--limit-alphabet", type=int, default=0,
+                   help="keep only the N most frequent characters as base alphabet; rarer ones fall back "
+                        "to bytes; 0 = all (default: 0)")
+    p.add_argument("--heldout-every", type=int, default=100,
+                   help="hold out every Nth document for the chars/token report (default: 100)")
+    p.add_argument("--max-heldout-chars", type=int, default=2_000_000,
+                   help="cap on held-out characters kept in memory (default: 2,000,000)")
+    p.add_argument("--max-train-chars", type=int, default=0,
+                   help="stop reading training text after this many characters; 0 = all (default: 0)")
+    p.add_argument("--train-on-words", action="store_true",
+                   help="feed segmenter words to the trainer so merges stay inside words (fewer tokens "
+                        "straddle word boundaries, slightly lower chars/token)")
+    p.add_argument("--segmenter", default="rjieba", choices=["rjieba", "jieba"],
+                   help="segmenter for --train-on-words (default: rjieba)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def embedding_share(vocab_size: int, layers: int = LARGE_LAYERS, hidden: int = LARGE_HIDDEN,
+                    ffn: int = LARGE_FFN) -> tuple[int, float]:
+    """(parameters, embedding share) of the bias-free GeGLU encoder, MLM head excluded.
+
+    Per layer: Wqkv 3H^2 + Wo H^2 + Wi 2HI + Wo IH + two norms (layer 0 has no attention norm);
+    plus embedding VH, embedding norm and final norm.
+    """
+    per_layer = 4 * hidden * hidden + 3 * hidden * ffn + 2 * hidden
+    total = vocab_size * hidden + layers * per_layer - hidden + 2 * hidden
+    return total, vocab_size * hidden / total
+
+
+class CorpusSplit:
+    """Streams training texts from the inputs and keeps a deterministic held-out slice aside."""
+
+    def __init__(self, paths: list[str], key: str, heldout_every: int, max_heldout_chars: int,
+                 max_train_chars: int):
+        self.paths, self.key = paths, key
+        self.heldout_every, self.max_heldout_chars = heldout_every, max_heldout_chars
+        self.max_train_chars = max_train_chars
+        self.heldout: list[str] = []
+        self.heldout_chars = self.train_chars = self.train_docs = 0
+        self.skipped = SkipCounter()
+
+    def train_texts(self) -> Iterator[str]:
+        doc_index = 0
+        for record in iter_records(self.paths):
+            text, reason = get_text(record, self.key)
+            if text is None:
+                self.skipped.add(reason, record.where)
+                continue
+            doc_index += 1
+            if self.heldout_every and doc_index % self.heldout_every == 0:
+                if self.heldout_chars < self.max_heldout_chars:
+                    self.heldout.append(text)
+                    self.heldout_chars += len(text)
+                continue
+            if self.max_train_chars and self.train_chars >= self.max_train_chars:
+                continue  # keep reading: the held-out slice is spread over the whole corpus
+            self.train_docs += 1
+            self.train_chars += len(text)
+            yield text
+
+
+def _words(texts: Iterator[str], segmenter: str) -> Iterator[str]:
+    from megatron_cmbert.data.segment import Segmenter
+
+    seg = Segmenter(segmenter)
+    for text in texts:
+        pos = 0
+        for n in seg.word_lengths(text).tolist():
+            yield text[pos:pos + n]
+            pos += n
+
+
+def _replace_dir(tmp_dir: str, output_dir: str) -> None:
+    """Move finished files into output_dir; a crash before this leaves output_dir untouched."""
+    os.makedirs(output_dir, exist_ok=True)
+    for name in sorted(os.listdir(tmp_dir)):
+        os.replace(os.path.join(tmp_dir, name), os.path.join(output_dir, name))
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    paths = expand_inputs(args.input)
+    split = CorpusSplit(paths, args.json_key, args.heldout_every, args.max_heldout_chars,
+                        args.max_train_chars)
+    texts: Iterator[str] = split.train_texts()
+    if args.train_on_words:
+        texts = _words(texts, args.segmenter)
+    start = time.time()
+    tok = train_bpe(
+        batched(texts),
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        max_token_length=args.max_token_length or None,
+        limit_alphabet=args.limit_alphabet or None,
+        show_progress=not args.quiet and sys.stderr.isatty(),
+    )
+    seconds = time.time() - start
+    if split.train_docs == 0:
+        raise SystemExit(f"error: no usable text under key {args.json_key!r} in {', '.join(paths)}")
+
+    heldout_tokens = sum(len(e.ids) for e in tok.encode_batch(split.heldout, add_special_tokens=False))
+    chars_per_token = split.heldout_chars / heldout_tokens if heldout_tokens else float("nan")
+    vocab = tok.get_vocab_size()
+    params, share = embedding_share(vocab)
+    info = {
+        "vocab_size": vocab,
+        "inputs": paths,
+        "json_key": args.json_key,
+        "train_documents": split.train_docs,
+        "train_chars": split.train_chars,
+        "heldout_documents": len(split.heldout),
+        "heldout_chars": split.heldout_chars,
+        "heldout_chars_per_token": round(chars_per_token, 4),
+        "skipped": dict(sorted(split.skipped.counts.items())),
+        "train_seconds": round(seconds, 2),
+        "train_on_words": args.train_on_words,
+        "large_model_parameters": params,
+        "large_model_embedding_share": round(share, 4),
+    }
+    parent = os.path.dirname(os.path.abspath(args.output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+    save_tokenizer(tok, tmp_dir)
+    with open(os.path.join(tmp_dir, "training_info.json"), "w", encoding="utf-8") as fh:
+        json.dump(info, fh, ensure_ascii=False, indent=2)
+    _replace_dir(tmp_dir, args.output_dir)
+
+    print(f"trained on {split.train_docs:,} documents, {split.train_chars:,} chars in {seconds:.1f} s")
+    for line in split.skipped.summary_lines():
+        print(line)
+    print(f"vocabulary: {vocab:,} tokens ({vocab // VOCAB_MULTIPLE} x {VOCAB_MULTIPLE}), "
+          f"special ids [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4")
+    print(f"held-out: {len(split.heldout):,} documents, {split.heldout_chars:,} chars, "
+          f"{chars_per_token:.3f} chars/token")
+    print(f"large model ({LARGE_LAYERS} x {LARGE_HIDDEN}, FFN {LARGE_FFN}) with this vocabulary: "
+          f"{params / 1e6:.1f}M parameters, embedding share {100 * share:.1f}%")
+    print(f"wrote {args.output_dir}/tokenizer.json")
+    return info
+
+
+if __name__ == "__main__":
+    main()
