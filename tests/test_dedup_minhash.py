@@ -98,7 +98,7 @@ def write_jsonl(path: Path, texts, gz: bool = False) -> list[bytes]:
 
 def run_tool(tmp_path: Path, inputs, *extra, out="out") -> tuple[Path, dict]:
     outdir = tmp_path / out
-    rc = tool.main([*map(str, inputs), "-o", str(outdir), "--no-progress", *extra])
+    rc = tool.main(["--input", *map(str, inputs), "-o", str(outdir), "--no-progress", *extra])
     assert rc == 0
     return outdir, json.loads((outdir / "dedup_report.json").read_text(encoding="utf-8"))
 
@@ -250,9 +250,9 @@ def test_automatic_bands_rows():
 def test_cli_errors_and_script_help(docs, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", docs[:2])
     with pytest.raises(SystemExit):  # would overwrite its own input
-        tool.main([str(tmp_path / "a.jsonl"), "-o", str(tmp_path), "--no-progress"])
+        tool.main(["--input", str(tmp_path / "a.jsonl"), "-o", str(tmp_path), "--no-progress"])
     with pytest.raises(SystemExit):
-        tool.main([str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "o"), "--bands", "20",
+        tool.main(["--input", str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "o"), "--bands", "20",
                    "--rows", "10", "--no-progress"])
     assert (tmp_path / "a.jsonl").read_bytes().count(b"\n") == 2
     res = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True,
@@ -265,7 +265,7 @@ def test_script_run_matches_in_process(docs, tmp_path):
     estimated Jaccard values, are identical: no salted hash() or process state is involved."""
     texts = docs[:6] + [change_chars(docs[1], 6, seed=8), docs[2][:-60]]
     write_jsonl(tmp_path / "a.jsonl", texts)
-    args = [str(tmp_path / "a.jsonl"), "--no-progress", "--seed", "3"]
+    args = ["--input", str(tmp_path / "a.jsonl"), "--no-progress", "--seed", "3"]
     tool.main(args + ["-o", str(tmp_path / "in"), "--removed-out", str(tmp_path / "in.rm")])
     env = dict(os.environ, PYTHONHASHSEED="12345")
     res = subprocess.run([sys.executable, str(TOOL), *args, "-o", str(tmp_path / "sub"),

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "one or more .jsonl/.jsonl.gz files. The first document of each duplicate cluster in input "
         "order (files in the order given, then line order) is kept.",
     )
-    p.add_argument("inputs", nargs="+", help="input .jsonl or .jsonl.gz files or glob patterns")
+    p.add_argument("--input", dest="inputs", nargs="+", required=True,
+                   help="input .jsonl or .jsonl.gz files or glob patterns, in keep-priority order")
     p.add_argument("-o", "--output-dir", required=True,
                    help="directory for the cleaned OUTDIR/<name>.jsonl files and dedup_report.json (required)")
     p.add_argument("--json-key", default="text", help="JSON field holding the document text (default: %(default)s)")
