@@ -16,7 +16,8 @@ fi
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "[setup] installing $TORCH_SPEC and megatron_cmbert[test] (editable, builds the C++ helpers)"
-python -m pip install -q "$TORCH_SPEC"
+# shellcheck disable=SC2086  # TORCH_SPEC may carry extra pip options (e.g. --index-url)
+python -m pip install -q $TORCH_SPEC
 python -m pip install -q -e ".[test]"
 python -W ignore -c "import torch, megatron.core, megatron_cmbert.data.helpers as h; \
 print(f'[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}, C++ helpers built: {h.HAVE_CPP}')"
