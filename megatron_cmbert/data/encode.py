@@ -8,6 +8,7 @@ joins the first in one unit, so every unit is a union of whole segmenter words.
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from itertools import chain
 from typing import Optional, Sequence
@@ -62,6 +63,8 @@ _WORKER_ENCODER: Optional[DocumentEncoder] = None
 
 def init_worker(tokenizer_dir: str, segmenter: str, user_dict: Optional[str]) -> None:
     global _WORKER_ENCODER
+    # Ctrl-C reaches the whole process group: the parent alone handles it and terminates the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_ENCODER = DocumentEncoder(tokenizer_dir, segmenter, user_dict)
 
 

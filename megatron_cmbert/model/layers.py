@@ -1,0 +1,151 @@
+"""Plain-PyTorch building blocks: norms, rotary embedding, init, and `TorchSpec`, the single-process layer
+spec that is also the TP=1 reference for every parallel layout.
+
+A *layer spec* is the object the model asks for its linear / embedding / norm modules and for the few
+token- and vocab-level collectives; megatron_cmbert/parallel/layer_spec.py is the one module that picks
+which spec (plain PyTorch, megatron-core local, Transformer Engine) fills the model.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---- initialisation (HF ModernBERT: truncated normal at +- cutoff * std) ---------------------------------
+def truncated_normal_init(std: float, cutoff_factor: float = 2.0):
+    """An init_method(tensor) filling a tensor in place; megatron-core calls it on the full (master) weight."""
+    return partial(nn.init.trunc_normal_, mean=0.0, std=std, a=-cutoff_factor * std, b=cutoff_factor * std)
+
+
+def init_methods(config) -> dict:
+    """ModernBERT's stds: 0.02 for Wqkv, Wi, embeddings; 0.02 / sqrt(2 L) for attn.Wo, mlp.Wo, head.dense."""
+    std_in = config.initializer_range
+    std_out = config.initializer_range / math.sqrt(2.0 * config.num_layers)
+    cut = config.initializer_cutoff_factor
+    return {"in": truncated_normal_init(std_in, cut), "out": truncated_normal_init(std_out, cut),
+            "embedding": truncated_normal_init(std_in, cut)}
+
+
+# ---- modules ----------------------------------------------------------------------------------------------
+class Linear(nn.Module):
+    """Bias-free linear that allocates with torch.empty (so it can live on the meta device) and draws random
+    numbers only through init_method, in the same order as megatron-core's CPU initialisation."""
+
+    def __init__(self, in_features: int, out_features: int, init_method=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        if init_method is not None:
+            with torch.no_grad():
+                init_method(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_method=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        if init_method is not None:
+            with torch.no_grad():
+                init_method(self.weight)
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Bias-free LayerNorm (stock HF ModernBERT, norm_bias=False), computed in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)
+
+
+NORM_CLASSES = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}
+
+
+# ---- rotary embedding --------------------------------------------------------------------------------------
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """Position of each packed token inside its own sequence (restarting at 0 for every sequence)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total_tokens)
+    return torch.arange(total_tokens, device=cu_seqlens.device) - starts
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """fp32 (tokens, head_dim) cos and sin; inv_freq = 1 / theta^(2i/d), halves repeated (rotate_half form)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+                                / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (tokens, heads, head_dim); non-interleaved RoPE applied in fp32."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+# ---- the plain-PyTorch layer spec -------------------------------------------------------------------------
+class TorchSpec:
+    """Single process, no tensor parallelism: every slot is a plain PyTorch module."""
+
+    tensor_parallel_size = 1
+    sequence_parallel = False
+
+    def embedding(self, num_embeddings, embedding_dim, init_method):
+        return Embedding(num_embeddings, embedding_dim, init_method)
+
+    def column_linear(self, in_features, out_features, init_method):
+        """Output features are split over TP ranks (here: not split)."""
+        return Linear(in_features, out_features, init_method)
+
+    def row_linear(self, in_features, out_features, init_method):
+        """Input features are split over TP ranks, the output is summed (here: not split)."""
+        return Linear(in_features, out_features, init_method)
+
+    def norm(self, normalization, hidden_size, eps, on_token_shards: bool):
+        """on_token_shards: the norm sees this rank's slice of the tokens under sequence parallelism."""
+        return NORM_CLASSES[normalization](hidden_size, eps)
+
+    def vocab_bias(self, padded_vocab_size):
+        return nn.Parameter(torch.zeros(padded_vocab_size))
+
+    def vocab_range(self, padded_vocab_size):
+        """[start, end) of the vocabulary ids whose logits this rank computes."""
+        return 0, padded_vocab_size
+
+    def gather_tokens(self, x):
+        """Sequence-parallel token shards -> all tokens."""
+        return x
+
+    def lm_logits(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def cross_entropy(self, logits, targets):
+        """Per-token loss, fp32."""
+        return F.cross_entropy(logits.float(), targets, reduction="none")

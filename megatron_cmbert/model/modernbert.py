@@ -1,0 +1,166 @@
+"""Chinese ModernBERT encoder and MLM head on packed varlen input. Plain PyTorch math only: the linear,
+embedding and norm modules come from a layer spec (model/layers.py TorchSpec, or the megatron-core specs
+chosen in parallel/layer_spec.py), so this file never imports distributed code.
+
+Weight layouts (chosen so a tensor-parallel shard is a contiguous slice of the full tensor at any TP size):
+  attn.Wqkv rows: per head [q_h; k_h; v_h] (megatron-core's grouping; HF wants [Q; K; V], see hf_keymap.py)
+  mlp.Wi rows:    per FFN channel [input_c; gate_c] interleaved (HF wants [all inputs; all gates])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_cmbert.kernels.attention import attention
+from megatron_cmbert.model.config import ModelConfig
+from megatron_cmbert.model.layers import (Linear, TorchSpec, apply_rotary, init_methods,
+                                          positions_from_cu_seqlens, rotary_cos_sin)
+
+IGNORE_INDEX = -100
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, spec, inits):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.window = config.attention_window(layer)
+        self.theta = config.rope_theta(layer)
+        self.Wqkv = spec.column_linear(config.hidden_size, 3 * config.hidden_size, inits["in"])
+        self.Wo = spec.row_linear(config.hidden_size, config.hidden_size, inits["out"])
+        self.backend = None  # None: argument-free dispatch (env var CMBERT_ATTN_BACKEND, else auto)
+
+    def forward(self, x, rope, cu_seqlens, max_seqlen):
+        qkv = self.Wqkv(x)  # (tokens, 3 * local_heads * head_dim), all tokens even under sequence parallel
+        q, k, v = qkv.view(qkv.shape[0], -1, 3, self.head_dim).unbind(dim=2)
+        cos, sin = rope[self.theta]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=self.backend)
+        return self.Wo(out.reshape(out.shape[0], -1))
+
+
+class GeGLU(nn.Module):
+    def __init__(self, config: ModelConfig, spec, inits):
+        super().__init__()
+        self.Wi = spec.column_linear(config.hidden_size, 2 * config.ffn_hidden_size, inits["in"])
+        self.Wo = spec.row_linear(config.ffn_hidden_size, config.hidden_size, inits["out"])
+
+    def forward(self, x):
+        activated, gate = self.Wi(x).unflatten(-1, (-1, 2)).unbind(dim=-1)
+        return self.Wo(F.gelu(activated, approximate="none") * gate)  # exact erf GELU, like HF "gelu"
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, spec, inits):
+        super().__init__()
+        norm = lambda: spec.norm(config.normalization, config.hidden_size, config.norm_eps, on_token_shards=True)
+        # Layer 0 has no attention pre-norm: the embedding norm plays that role.
+        self.attn_norm = nn.Identity() if layer == 0 else norm()
+        self.attn = Attention(config, layer, spec, inits)
+        self.mlp_norm = norm()
+        self.mlp = GeGLU(config, spec, inits)
+
+    def forward(self, x, rope, cu_seqlens, max_seqlen):
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: ModelConfig, spec, inits):
+        super().__init__()
+        self.tok_embeddings = spec.embedding(config.padded_vocab_size(spec.tensor_parallel_size),
+                                             config.hidden_size, inits["embedding"])
+        self.norm = spec.norm(config.normalization, config.hidden_size, config.norm_eps, on_token_shards=True)
+
+    def forward(self, input_ids):
+        return self.norm(self.tok_embeddings(input_ids))
+
+
+class CMBertModel(nn.Module):
+    """Embeddings + encoder layers + final norm. Returns this rank's token slice under sequence parallelism."""
+
+    def __init__(self, config: ModelConfig, spec=None):
+        super().__init__()
+        spec = spec or TorchSpec()
+        config.validate_parallel(spec.tensor_parallel_size)
+        self.config, self.spec = config, spec
+        inits = init_methods(config)
+        self.embeddings = Embeddings(config, spec, inits)
+        self.layers = nn.ModuleList(EncoderLayer(config, i, spec, inits) for i in range(config.num_layers))
+        self.final_norm = spec.norm(config.normalization, config.hidden_size, config.norm_eps, on_token_shards=True)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        total = input_ids.shape[0]
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be packed 1-D tokens, got shape {tuple(input_ids.shape)}")
+        if self.spec.sequence_parallel and total % self.spec.tensor_parallel_size:
+            raise ValueError(f"sequence parallelism needs the token count ({total}) divisible by TP "
+                             f"({self.spec.tensor_parallel_size}); pack with pad_to_multiple_of=TP")
+        positions = positions_from_cu_seqlens(cu_seqlens, total)
+        thetas = {self.config.rope_theta(i) for i in range(self.config.num_layers)}
+        rope = {theta: rotary_cos_sin(positions, self.config.head_dim, theta) for theta in thetas}
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, rope, cu_seqlens, max_seqlen)
+        return self.final_norm(x)
+
+
+class PredictionHead(nn.Module):
+    """dense -> GELU -> norm; runs on all tokens on every rank (replicated, so its grads need no reduction)."""
+
+    def __init__(self, config: ModelConfig, spec, inits):
+        super().__init__()
+        self.dense = Linear(config.hidden_size, config.hidden_size, inits["out"])
+        self.norm = spec.norm(config.normalization, config.hidden_size, config.norm_eps, on_token_shards=False)
+
+    def forward(self, x):
+        return self.norm(F.gelu(self.dense(x), approximate="none"))
+
+
+@dataclass
+class MaskedLMOutput:
+    logits: torch.Tensor
+    """(predicted tokens, this rank's vocab slice); predicted tokens = labels != -100, or all without labels.
+    Logits of vocabulary padding ids are -inf."""
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over predicted tokens (fp32)."""
+    num_predicted: int = 0
+
+
+class CMBertForMaskedLM(nn.Module):
+    """Encoder + MLM head with sparse prediction; decoder weight tied to the token embedding, with a bias."""
+
+    def __init__(self, config: ModelConfig, spec=None):
+        super().__init__()
+        spec = spec or TorchSpec()
+        self.config, self.spec = config, spec
+        inits = init_methods(config)
+        self.model = CMBertModel(config, spec)
+        self.head = PredictionHead(config, spec, inits)
+        padded = config.padded_vocab_size(spec.tensor_parallel_size)
+        self.decoder_bias = spec.vocab_bias(padded)
+        start, end = spec.vocab_range(padded)
+        # Logits of ids >= vocab_size (padding rows) are masked so the loss is the unpadded vocabulary's.
+        self.register_buffer("vocab_padding", torch.arange(start, end) >= config.vocab_size, persistent=False)
+
+    def set_attention_backend(self, backend: str | None):
+        for layer in self.model.layers:
+            layer.attn.backend = backend
+
+    def forward(self, input_ids, cu_seqlens, max_seqlen, labels=None) -> MaskedLMOutput:
+        """input_ids, labels: packed (tokens,); labels -100 where nothing is predicted."""
+        hidden = self.spec.gather_tokens(self.model(input_ids, cu_seqlens, max_seqlen))
+        targets = None
+        if labels is not None:
+            predicted = labels != IGNORE_INDEX
+            hidden, targets = hidden[predicted], labels[predicted]
+        logits = self.spec.lm_logits(self.head(hidden), self.model.embeddings.tok_embeddings.weight,
+                                     self.decoder_bias)
+        logits = logits.masked_fill(self.vocab_padding, float("-inf"))
+        if targets is None:
+            return MaskedLMOutput(logits=logits, num_predicted=logits.shape[0])
+        # sum / count rather than mean(): a micro-batch with nothing to predict gives 0, not NaN.
+        loss = self.spec.cross_entropy(logits, targets).sum() / max(targets.numel(), 1)
+        return MaskedLMOutput(logits=logits, loss=loss, num_predicted=int(targets.numel()))

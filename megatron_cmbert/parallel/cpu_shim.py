@@ -1,0 +1,45 @@
+"""Let megatron-core's tensor-parallel layers and sequence-parallel collectives run on CPU (gloo).
+
+megatron-core 0.16.1 allocates the buffers of its all-gather / reduce-scatter with
+`device=torch.cuda.current_device()`, which raises on a CPU-only build (../shared/NOTES-MEGATRON-CPU.md).
+When CUDA is absent, install() gives those few modules a view of `torch` whose `cuda.current_device()` is
+the CPU; nothing changes for any other module, and nothing at all when CUDA is available.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# Modules that call torch.cuda.current_device() on the tensor-parallel / sequence-parallel path.
+PATCHED_MODULES = ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
+                   "megatron.core.utils")
+
+
+class _CudaOnCPU:
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+
+class _TorchOnCPU:
+    """Delegates everything to torch except `cuda.current_device()`."""
+
+    cuda = _CudaOnCPU()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def install() -> bool:
+    """Idempotent. Returns True when the shim is active (CUDA absent)."""
+    if torch.cuda.is_available():
+        return False
+    for name in PATCHED_MODULES:
+        module = importlib.import_module(name)
+        if not isinstance(module.torch, _TorchOnCPU):
+            module.torch = _TorchOnCPU()
+    return True

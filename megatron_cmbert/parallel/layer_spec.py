@@ -1,0 +1,183 @@
+"""The one place that decides which classes fill the model's slots (linears, embedding, norms) and which
+collectives move tokens and vocabulary slices between tensor-parallel ranks.
+
+    build_layer_spec(transformer_impl="local", sequence_parallel=False)
+        - no megatron-core model parallelism initialised  -> TorchSpec (plain PyTorch, single process)
+        - "local"              -> megatron-core ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding
+        - "transformer_engine" -> TE linears (needs transformer_engine to import), same embedding
+    build_masked_lm(config, ...) builds CMBertForMaskedLM with that spec.
+
+Data flow under tensor parallelism (T tokens, TP ranks; with sequence parallelism "token shard" = T/TP rows):
+  embedding: vocab-parallel lookup, all-reduce (or reduce-scatter to token shards under SP)
+  Wqkv, Wi: column-parallel (all-gather token shards under SP) -> attention on local heads over all tokens
+  Wo:       row-parallel (all-reduce, or reduce-scatter to token shards under SP)
+  head:     tokens gathered, then replicated dense/norm on every rank; decoder = vocab-parallel logits
+  norms on token shards: their weight grads are partial under SP and must be summed over TP by
+  parallel.sharding.allreduce_sequence_parallel_grads(model) after backward.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_cmbert.model.layers import NORM_CLASSES, TorchSpec
+
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+def _megatron():
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_cmbert.parallel import cpu_shim
+
+    cpu_shim.install()
+    return parallel_state, tensor_parallel
+
+
+class MegatronSpec:
+    """megatron-core tensor parallelism (needs parallel_state.initialize_model_parallel first)."""
+
+    def __init__(self, sequence_parallel: bool = False, transformer_impl: str = "local"):
+        parallel_state, tensor_parallel = _megatron()
+        from megatron.core import ModelParallelConfig
+
+        self.tp = tensor_parallel
+        self.group = parallel_state.get_tensor_model_parallel_group()
+        self.tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.tensor_parallel_rank = parallel_state.get_tensor_model_parallel_rank()
+        # Sequence parallelism only means something with TP > 1 (megatron-core turns it off otherwise).
+        self.sequence_parallel = bool(sequence_parallel) and self.tensor_parallel_size > 1
+        self.transformer_impl = transformer_impl
+        # CPU initialisation builds each full weight from the default generator and keeps this rank's slice,
+        # so a model seeded the same way is the same logical model at every TP size.
+        self.config = ModelParallelConfig(
+            tensor_model_parallel_size=self.tensor_parallel_size, sequence_parallel=self.sequence_parallel,
+            use_cpu_initialization=True, perform_initialization=True, params_dtype=torch.float32,
+            gradient_accumulation_fusion=False)
+        if transformer_impl == "transformer_engine":
+            self._column_cls, self._row_cls = _transformer_engine_linears()
+        else:
+            self._column_cls, self._row_cls = _local_linears()
+
+    def embedding(self, num_embeddings, embedding_dim, init_method):
+        return _vocab_embedding_class()(num_embeddings, embedding_dim, init_method=init_method,
+                                        config=self.config, reduce_scatter_embeddings=self.sequence_parallel)
+
+    def column_linear(self, in_features, out_features, init_method):
+        return self._column_cls(in_features, out_features, config=self.config, init_method=init_method,
+                                gather_output=False, bias=False, skip_bias_add=False, is_expert=False)
+
+    def row_linear(self, in_features, out_features, init_method):
+        return self._row_cls(in_features, out_features, config=self.config, init_method=init_method,
+                             bias=False, input_is_parallel=True, skip_bias_add=False, is_expert=False)
+
+    def norm(self, normalization, hidden_size, eps, on_token_shards: bool):
+        module = NORM_CLASSES[normalization](hidden_size, eps)
+        # Marked weights get their partial grads summed over TP (parallel.sharding); megatron uses the
+        # same attribute name.
+        module.weight.sequence_parallel = self.sequence_parallel and on_token_shards
+        return module
+
+    def vocab_bias(self, padded_vocab_size):
+        bias = nn.Parameter(torch.zeros(padded_vocab_size // self.tensor_parallel_size))
+        self.tp.set_tensor_model_parallel_attributes(bias, is_parallel=True, dim=0, stride=1)
+        return bias
+
+    def vocab_range(self, padded_vocab_size):
+        per_rank = padded_vocab_size // self.tensor_parallel_size
+        return per_rank * self.tensor_parallel_rank, per_rank * (self.tensor_parallel_rank + 1)
+
+    def gather_tokens(self, x):
+        if not self.sequence_parallel:
+            return x
+        # The head after this point runs replicated and all-reduces its input grad (lm_logits), so the
+        # backward of this gather only has to keep this rank's slice.
+        return self.tp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
+                                                            group=self.group)
+
+    def lm_logits(self, x, weight, bias):
+        return F.linear(self.tp.copy_to_tensor_model_parallel_region(x, group=self.group), weight, bias)
+
+    def cross_entropy(self, logits, targets):
+        # megatron's vocab-parallel CE edits fp32 logits in place (.float() is then no copy); the caller
+        # still returns them.
+        if logits.dtype == torch.float32:
+            logits = logits.clone()
+        return self.tp.vocab_parallel_cross_entropy(logits, targets)
+
+
+def _seq_first(layer_forward):
+    """megatron-core layers take [seq, batch, hidden]; the model passes packed [tokens, hidden]."""
+
+    def forward(self, x):
+        output = layer_forward(self, x.unsqueeze(1))
+        return (output[0] if isinstance(output, tuple) else output).squeeze(1)
+
+    return forward
+
+
+@functools.cache
+def _local_linears():
+    _, tensor_parallel = _megatron()
+
+    class LocalColumnLinear(tensor_parallel.ColumnParallelLinear):
+        forward = _seq_first(tensor_parallel.ColumnParallelLinear.forward)
+
+    class LocalRowLinear(tensor_parallel.RowParallelLinear):
+        forward = _seq_first(tensor_parallel.RowParallelLinear.forward)
+
+    return LocalColumnLinear, LocalRowLinear
+
+
+@functools.cache
+def _transformer_engine_linears():
+    try:
+        import transformer_engine  # noqa: F401  (megatron imports TE softly; fail here with a clear message)
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+    except ImportError as error:
+        raise ImportError("--transformer-impl transformer_engine needs Transformer Engine "
+                          f"(pip install transformer-engine): {error}") from error
+
+    class TEColumnLinear(TEColumnParallelLinear):
+        forward = _seq_first(TEColumnParallelLinear.forward)
+
+    class TERowLinear(TERowParallelLinear):
+        forward = _seq_first(TERowParallelLinear.forward)
+
+    return TEColumnLinear, TERowLinear
+
+
+@functools.cache
+def _vocab_embedding_class():
+    _, tensor_parallel = _megatron()
+
+    class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
+        def forward(self, ids):
+            # [tokens] -> [1, tokens] (megatron's [b, s]) -> [tokens, 1, H] or its token shard -> 2-D
+            out = super().forward(ids.unsqueeze(0))
+            return out.squeeze(1) if self.reduce_scatter_embeddings else out.squeeze(0)
+
+    return VocabEmbedding
+
+
+def build_layer_spec(transformer_impl: str = "local", sequence_parallel: bool = False):
+    """TorchSpec when megatron-core model parallelism is not initialised, else a MegatronSpec."""
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}")
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        if sequence_parallel or transformer_impl != "local":
+            raise RuntimeError("sequence parallelism / Transformer Engine need "
+                               "parallel_state.initialize_model_parallel() first")
+        return TorchSpec()
+    return MegatronSpec(sequence_parallel=sequence_parallel, transformer_impl=transformer_impl)
+
+
+def build_masked_lm(config, transformer_impl: str = "local", sequence_parallel: bool = False):
+    from megatron_cmbert.model import CMBertForMaskedLM
+
+    return CMBertForMaskedLM(config, build_layer_spec(transformer_impl, sequence_parallel))

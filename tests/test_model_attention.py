@@ -1,0 +1,125 @@
+"""Attention dispatch and backends against an independent fp64 dense computation over the whole packed
+tensor (document mask x window mask built from scratch here)."""
+import logging
+
+import pytest
+import torch
+
+from megatron_cmbert.kernels.attention import BACKENDS, attention, clear_auto_choice, select_backend
+from megatron_cmbert.kernels.attention_reference import attention_reference
+from megatron_cmbert.model.padding import cu_seqlens_from_lengths
+
+WINDOWS = [(-1, -1), (4, 4), (0, 0), (3, 1), (-1, 2), (5, -1)]
+
+
+def dense_fp64(q, k, v, lengths, window, scale=None):
+    """softmax(q k^T * scale + mask) v over all tokens at once, in fp64, mask = same document and window."""
+    q, k, v = (t.double() for t in (q, k, v))
+    document = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    i = torch.arange(q.shape[0])[:, None]
+    j = torch.arange(q.shape[0])[None, :]
+    keep = document[:, None] == document[None, :]
+    left, right = window
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    return torch.einsum("hij,jhd->ihd", probs, v)
+
+
+def packed_qkv(lengths, heads=3, head_dim=10, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    return [torch.randn(total, heads, head_dim, generator=g, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_reference_matches_dense_fp64_forward_and_backward(window):
+    lengths = [1, 7, 13, 5, 19]  # odd shapes, a length-1 sequence, sequences shorter than the window
+    q, k, v = packed_qkv(lengths)
+    cu = cu_seqlens_from_lengths(lengths)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dense_leaves = [t.double().clone().requires_grad_() for t in (q, k, v)]
+    out = attention_reference(*leaves, cu, max(lengths), window=window)
+    expected = dense_fp64(*dense_leaves, lengths, window)
+    # fp32 matmuls + fp32 softmax vs fp64: a few ulp of fp32 at O(1) values
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=0)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected.backward(grad_out.double())
+    for mine, ref in zip(leaves, dense_leaves):
+        torch.testing.assert_close(mine.grad.double(), ref.grad, atol=1e-5, rtol=0)
+
+
+def test_custom_softmax_scale_is_used():
+    lengths = [6, 9]
+    q, k, v = packed_qkv(lengths)
+    out = attention(q, k, v, cu_seqlens_from_lengths(lengths), 9, window=(2, 2), softmax_scale=0.37,
+                    backend="reference")
+    torch.testing.assert_close(out.double(), dense_fp64(q, k, v, lengths, (2, 2), scale=0.37),
+                               atol=2e-6, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("window", [(-1, -1), (4, 4), (3, 1)])
+def test_flex_forward_on_cpu_matches_dense(window):
+    # FlexAttention's forward runs uncompiled on CPU (its backward does not), which checks the block mask.
+    pytest.importorskip("torch.nn.attention.flex_attention", reason="needs torch with FlexAttention")
+    lengths = [5, 17, 1, 9]
+    q, k, v = packed_qkv(lengths, head_dim=16)
+    out = BACKENDS["flex"].load()(q, k, v, cu_seqlens_from_lengths(lengths), 17, window=window)
+    torch.testing.assert_close(out.double(), dense_fp64(q, k, v, lengths, window), atol=2e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU backends)")
+@pytest.mark.parametrize("name", ["flex", "flash_attn", "triton"])
+@pytest.mark.parametrize("window", [(-1, -1), (64, 64)])
+def test_gpu_backends_match_reference(name, window):
+    lengths = [100, 300, 37]
+    q, k, v = (t.cuda().bfloat16() for t in packed_qkv(lengths, heads=4, head_dim=64))
+    reason = BACKENDS[name].unavailable_reason(q)
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    cu = cu_seqlens_from_lengths(lengths, device="cuda")
+    expected = dense_fp64(q.cpu(), k.cpu(), v.cpu(), lengths, window)
+    bf16_error = (attention_reference(q, k, v, cu, 300, window=window).double().cpu() - expected).abs().max()
+    error = (attention(q, k, v, cu, 300, window=window, backend=name).double().cpu() - expected).abs().max()
+    assert error <= 2 * bf16_error + 1e-6  # flash-attention's rule: at most 2x PyTorch's own bf16 error
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    q = torch.zeros(4, 1, 2)
+    monkeypatch.setenv("CMBERT_ATTN_BACKEND", "reference")
+    assert select_backend(q) == "reference"
+    monkeypatch.setenv("CMBERT_ATTN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown attention backend 'nonsense'"):
+        select_backend(q)
+    assert select_backend(q, backend="flex") == "flex"  # the argument wins over the environment
+
+
+def test_unavailable_backend_says_why():
+    q, k, v = packed_qkv([4])
+    with pytest.raises(RuntimeError, match="'triton' cannot run here"):
+        attention(q, k, v, cu_seqlens_from_lengths([4]), 4, backend="triton")
+
+
+def test_auto_picks_reference_on_cpu_and_logs_once(monkeypatch, caplog):
+    monkeypatch.delenv("CMBERT_ATTN_BACKEND", raising=False)
+    clear_auto_choice()
+    q, k, v = packed_qkv([3, 4])
+    cu = cu_seqlens_from_lengths([3, 4])
+    with caplog.at_level(logging.INFO, logger="megatron_cmbert.kernels.attention"):
+        attention(q, k, v, cu, 4)
+        attention(q, k, v, cu, 4)
+    messages = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+    assert len(messages) == 1 and ": reference (skipped" in messages[0]
+    assert "flex: needs CUDA tensors" in messages[0]
+
+
+def test_token_count_must_match_cu_seqlens():
+    q, k, v = packed_qkv([3, 4])
+    with pytest.raises(ValueError, match="cu_seqlens ends at 6 but there are 7 tokens"):
+        attention(q, k, v, cu_seqlens_from_lengths([3, 3]), 3, backend="reference")
