@@ -96,3 +96,20 @@ def test_model_summary_tool_prints_paper_numbers(capsys):
     assert summary["parameters"] == 376_975_360 and summary["parameters_human"] == "377.0M"
     assert summary["embedding_share_human"] == "9.0%" and round(summary["embedding_share"], 3) == 0.090
     assert (summary["layers"], summary["global_layers"]) == (28, 10)
+
+
+def test_initialisation_is_truncated_normal_with_depth_scaled_outputs():
+    config = get_preset("tiny", hidden_size=128, ffn_hidden_size=256, num_layers=8)
+    torch.manual_seed(0)
+    model = CMBertForMaskedLM(config)
+    std_in, std_out = 0.02, 0.02 / math.sqrt(2 * 8)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name == "decoder_bias":
+            assert torch.equal(p, torch.zeros_like(p))
+        else:
+            std = std_out if name.endswith(("attn.Wo.weight", "mlp.Wo.weight", "head.dense.weight")) else std_in
+            assert p.abs().max() <= 2 * std, name  # truncated at 2 sigma
+            # a normal truncated at 2 sigma has std 0.880 sigma; thousands of samples pin it to a few %
+            assert abs(p.std().item() / (0.880 * std) - 1) < 0.05, name

@@ -47,6 +47,6 @@ def test_documented_smoke_command_runs_forward_and_backward_at_tp2(capsys, monke
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["--preset", "tiny"]) == 0
     reference = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert reference["tensor_model_parallel_size"] == 1 and reference["tokens"] + 1 == report["tokens"]
+    assert reference["tensor_model_parallel_size"] == 1 and 0 <= report["tokens"] - reference["tokens"] <= 1
     assert abs(report["loss"] - reference["loss"]) <= 1e-5
     assert abs(report["grad_norm"] - reference["grad_norm"]) <= 1e-5 * reference["grad_norm"]
