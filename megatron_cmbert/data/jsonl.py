@@ -81,7 +81,7 @@ def iter_records(paths: Iterable[str]) -> Iterator[Record]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield Record(path, lineno, None, "malformed_json", exc.msg, nbytes)
+                    yield Record(path, lineno, None, "malformed_json", f"{exc.msg} at column {exc.colno}", nbytes)
                     continue
                 if not isinstance(obj, dict):
                     yield Record(path, lineno, None, "malformed_json", "not a JSON object", nbytes)
