@@ -81,7 +81,8 @@ def iter_records(paths: Iterable[str]) -> Iterator[Record]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield Record(path, lineno, None, "malformed_json", f"{exc.msg} at column {exc.colno}", nbytes)
+                    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg  # "Invalid control character at"
+                    yield Record(path, lineno, None, "malformed_json", f"{msg} at column {exc.colno}", nbytes)
                     continue
                 if not isinstance(obj, dict):
                     yield Record(path, lineno, None, "malformed_json", "not a JSON object", nbytes)
