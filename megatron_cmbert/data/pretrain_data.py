@@ -1,0 +1,195 @@
+"""Pretraining samples: blended indexed datasets → packed ``[CLS] piece [SEP]`` samples → whole-word
+masked, packed varlen micro-batches.
+
+Everything a sample contains is a pure function of (seed, global sample index, masking rate), and
+the rate is a pure function of the sample's global step, so every rank, every loader worker and a
+resumed run produce exactly the same micro-batches.
+
+    --data-path 0.57 PREFIX_A 0.43 PREFIX_B   (PREFIX = tools/preprocess_data.py's ..._text_document)
+    --split 98,2,0                            (train / valid / test shares of each dataset's documents)
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_cmbert.data.masking import MaskingConfig, mask_tokens, sample_rng
+from megatron_cmbert.data.packing import blend_indices, pack_documents
+from megatron_cmbert.data.tokenizer import CLS_ID, SEP_ID
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def parse_data_path(data_path: Sequence[str]) -> tuple[list[float], list[str]]:
+    """``[PREFIX]`` or ``[W1, PREFIX1, W2, PREFIX2, ...]`` (Megatron's --data-path) → (weights, prefixes)."""
+    items = list(data_path)
+    if len(items) == 1:
+        return [1.0], items
+    if len(items) % 2:
+        raise ValueError(f"--data-path takes one prefix or weight/prefix pairs, got {len(items)} items")
+    try:
+        weights = [float(w) for w in items[0::2]]
+    except ValueError:
+        raise ValueError(f"--data-path weights must be numbers: {items[0::2]}") from None
+    return weights, items[1::2]
+
+
+def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
+    """Megatron's --split "98,2,0": contiguous document ranges for train / valid / test."""
+    parts = [float(x) for x in split.replace("/", ",").split(",")]
+    if len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"--split needs up to three non-negative numbers, got {split!r}")
+    parts += [0.0] * (3 - len(parts))
+    bounds = np.round(np.cumsum([0.0] + parts) / sum(parts) * num_documents).astype(int)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(3)]
+
+
+class TokenDataset:
+    """A token dataset and its word-start flags (``PREFIX`` and ``PREFIX_wordstart``)."""
+
+    def __init__(self, prefix: str):
+        with warnings.catch_warnings():  # megatron-core warns about optional TE/apex at import
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+        self.prefix = prefix
+        self.tokens = IndexedDataset(prefix)
+        self.word_starts = IndexedDataset(prefix + "_wordstart")
+        if not np.array_equal(self.tokens.sequence_lengths, self.word_starts.sequence_lengths):
+            raise ValueError(f"{prefix}: token and word-start datasets have different document lengths")
+        self.lengths = self.tokens.sequence_lengths.astype(np.int64)
+
+
+class PackedSplit:
+    """One dataset's documents of one split, packed; each epoch reshuffles the documents."""
+
+    def __init__(self, data: TokenDataset, doc_range: tuple[int, int], seq_length: int, seed: int,
+                 dataset_index: int, min_piece: int = 16):
+        self.data, self.seq_length, self.min_piece = data, seq_length, min_piece
+        self.docs = np.arange(*doc_range, dtype=np.int64)
+        self.seed, self.dataset_index = seed, dataset_index
+        self._epochs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._epoch_starts = [0]
+
+    def __bool__(self) -> bool:
+        return bool(self.docs.size) and int(self.data.lengths[self.docs].sum()) > 0
+
+    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        while len(self._epochs) <= e:
+            k = len(self._epochs)
+            order = np.random.default_rng([self.seed, self.dataset_index, k]).permutation(self.docs)
+            order = order[self.data.lengths[order] > 0]
+            pieces, offsets = pack_documents(self.data.lengths, self.seq_length, order, self.min_piece)
+            self._epochs.append((pieces, offsets))
+            self._epoch_starts.append(self._epoch_starts[-1] + len(offsets) - 1)
+        return self._epochs[e]
+
+    def pieces(self, j: int) -> np.ndarray:
+        """(n_pieces, 3) rows (document, start, length) of sample j (counting across epochs)."""
+        e = 0
+        while True:
+            pieces, offsets = self._epoch(e)
+            if j < self._epoch_starts[e + 1]:
+                local = j - self._epoch_starts[e]
+                return pieces[offsets[local]:offsets[local + 1]]
+            e += 1
+
+    def sample(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, word-start flags, sequence lengths) of sample j with [CLS]/[SEP] around each piece."""
+        toks, flags, lens = [], [], []
+        for doc, start, length in self.pieces(j).tolist():
+            t = self.data.tokens.get(doc, offset=start, length=length)
+            f = self.data.word_starts.get(doc, offset=start, length=length).copy()
+            f[0] = 1  # a piece cut mid-word starts a unit of its own: units never span pieces
+            toks += [[CLS_ID], t, [SEP_ID]]
+            flags += [[1], f, [1]]
+            lens.append(length + 2)
+        return (np.concatenate(toks).astype(np.int64), np.concatenate(flags).astype(np.uint8),
+                np.array(lens, dtype=np.int64))
+
+
+@dataclass
+class MicroBatch:
+    """Packed varlen micro-batch: every piece is its own sequence in ``cu_seqlens``."""
+
+    input_ids: torch.Tensor   # (tokens,) int64
+    labels: torch.Tensor      # (tokens,) int64, -100 where not predicted
+    cu_seqlens: torch.Tensor  # (pieces + 1,) int32
+    max_seqlen: int
+    mask_rate: float
+
+
+class PretrainSamples:
+    """Blended, split, packed and masked samples, addressed by global sample index."""
+
+    def __init__(self, data_path: Sequence[str], split: str, which: str, seq_length: int, seed: int,
+                 num_samples: int, masking: MaskingConfig, min_piece: int = 16):
+        weights, prefixes = parse_data_path(data_path)
+        split_index = SPLIT_NAMES.index(which)
+        # Each split draws its own document order and masks, even at equal sample indices.
+        self.seed, self.masking = seed + 1000 * split_index, masking
+        parts, kept = [], []
+        for i, (w, prefix) in enumerate(zip(weights, prefixes)):
+            data = TokenDataset(prefix)
+            part = PackedSplit(data, split_ranges(split, len(data.lengths))[split_index], seq_length,
+                               self.seed, i, min_piece)
+            if part and w > 0:
+                parts.append(part)
+                kept.append(w)
+        if not parts:
+            raise ValueError(f"no documents in the {which} split of {', '.join(prefixes)} (--split {split})")
+        self.parts, self.weights = parts, np.array(kept, dtype=np.float64)
+        self.dataset_of, self.index_in = blend_indices(self.weights, num_samples)
+
+    def __len__(self) -> int:
+        return len(self.dataset_of)
+
+    def sample(self, index: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(inputs, labels, tokens, sequence lengths) of global sample ``index`` masked at ``rate``."""
+        tokens, flags, lens = self.parts[self.dataset_of[index]].sample(int(self.index_in[index]))
+        inputs, labels = mask_tokens(tokens, flags, rate, sample_rng(self.seed, index), self.masking)
+        return inputs, labels, tokens, lens
+
+    def micro_batch(self, first: int, count: int, rate: float) -> MicroBatch:
+        """Samples ``first .. first+count-1`` packed into one varlen micro-batch."""
+        inputs, labels, lens = [], [], []
+        for index in range(first, first + count):
+            i, l, _, n = self.sample(index, rate)
+            inputs.append(i)
+            labels.append(l)
+            lens.append(n)
+        seqlens = np.concatenate(lens)
+        cu = np.concatenate(([0], np.cumsum(seqlens))).astype(np.int32)
+        return MicroBatch(torch.from_numpy(np.concatenate(inputs)), torch.from_numpy(np.concatenate(labels)),
+                          torch.from_numpy(cu), int(seqlens.max()), rate)
+
+
+class MicroBatchSchedule(torch.utils.data.Dataset):
+    """Item k = this data-parallel rank's k-th micro-batch of training, for a torch DataLoader.
+
+    Step s uses global samples [s*G, (s+1)*G); DP rank r takes the r-th contiguous slice of G/DP
+    samples, cut into micro-batches of M. The masking rate comes from ``rate_at(step)``.
+    """
+
+    def __init__(self, samples: PretrainSamples, global_batch: int, micro_batch: int, dp_size: int,
+                 dp_rank: int, rate_at: Callable[[int], float], first_step: int = 0, num_steps: Optional[int] = None):
+        if global_batch % (micro_batch * dp_size):
+            raise ValueError(f"--global-batch-size {global_batch} must be a multiple of "
+                             f"--micro-batch-size {micro_batch} x data-parallel size {dp_size}")
+        self.samples, self.G, self.M = samples, global_batch, micro_batch
+        self.dp_size, self.dp_rank, self.rate_at = dp_size, dp_rank, rate_at
+        self.per_step = global_batch // (micro_batch * dp_size)
+        self.first_step = first_step
+        total_steps = len(samples) // global_batch
+        self.num_steps = total_steps - first_step if num_steps is None else num_steps
+
+    def __len__(self) -> int:
+        return self.num_steps * self.per_step
+
+    def __getitem__(self, k: int) -> MicroBatch:
+        step = self.first_step + k // self.per_step
+        first = step * self.G + self.dp_rank * (self.G // self.dp_size) + (k % self.per_step) * self.M
+        return self.samples.micro_batch(first, self.M, self.rate_at(step))
