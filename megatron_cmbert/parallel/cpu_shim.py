@@ -3,7 +3,7 @@
 megatron-core 0.16.1 allocates the buffers of its all-gather / reduce-scatter with
 `device=torch.cuda.current_device()`, which raises on a CPU-only build (../shared/NOTES-MEGATRON-CPU.md).
 When CUDA is absent, install() gives those few modules a view of `torch` whose `cuda.current_device()` is
-the CPU; nothing changes for any other module, and nothing at all when CUDA is available.
+the CPU and whose `cuda.synchronize()` does nothing; nothing changes for any other module, and nothing at all when CUDA is available.
 """
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import importlib
 
 import torch
 
-# Modules that call torch.cuda.current_device() on the tensor-parallel / sequence-parallel path.
+# Modules that call torch.cuda.current_device() on the tensor-parallel / sequence-parallel path, and
+# dist_checkpointing's writer, which calls torch.cuda.synchronize() before saving.
 PATCHED_MODULES = ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
-                   "megatron.core.utils")
+                   "megatron.core.utils", "megatron.core.dist_checkpointing.strategies.filesystem_async",
+                   "megatron.core.dist_checkpointing.strategies.state_dict_saver")
 
 
 class _CudaOnCPU:
@@ -23,6 +25,10 @@ class _CudaOnCPU:
     @staticmethod
     def current_device():
         return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(device=None):  # nothing to wait for on the CPU
+        return None
 
 
 class _TorchOnCPU:
