@@ -17,7 +17,7 @@ import sys
 import warnings
 from typing import Optional
 
-from megatron_cmbert.training.schedules import add_schedule_args
+from megatron_cmbert.training.schedules import ScheduleConfig, add_schedule_args
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -74,6 +74,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--finetune needs --load")
     if args.global_batch_size % args.micro_batch_size:
         p.error("--global-batch-size must be a multiple of --micro-batch-size")
+    try:
+        ScheduleConfig.from_args(args)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 

@@ -101,8 +101,10 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, tr
         os.makedirs(tmp)
     _barrier()
     dist_checkpointing.save(sharded_state_dict(model, optimizer, ranks, train_state), tmp)
-    if os.environ.get("CMBERT_TEST_KILL_IN_SAVE") == str(step):  # fault injection for the torn-save test
-        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("CMBERT_TEST_KILL_IN_SAVE") == str(step):
+        # Fault injection for the torn-save test: the whole process group dies at once, as under a
+        # node failure (the checkpoint writer's helper processes included). Tests run it in its own session.
+        os.killpg(os.getpgrp(), signal.SIGKILL)
     if ranks.rank == 0:
         for name, content in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
