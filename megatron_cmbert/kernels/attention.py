@@ -7,9 +7,11 @@ Query i sees key j of the same sequence when i - left <= j <= i + right; window 
 
 Backends: `reference` (pure PyTorch, CPU and GPU), `flex` (FlexAttention, GPU), `flash_attn` (when the
 package is installed), `triton` (slot filled by the kernels issue: module kernels/attention_triton.py with a
-function `attention_triton`). `auto` picks the fastest available one for the tensor's device and logs the
+function `attention_triton`; also runs on CPU tensors under Triton's interpreter when TRITON_INTERPRET=1,
+but `auto` never picks it there). `auto` picks the fastest available one for the tensor's device and logs the
 choice once. The backend comes from the `backend` argument, else the CMBERT_ATTN_BACKEND environment
-variable, else `auto`. Nothing is imported or chosen at import time.
+variable, else CMBERT_KERNEL_BACKEND when it names an attention backend (one switch for all kernels, see
+kernels/dispatch.py), else `auto`. Nothing is imported or chosen at import time.
 """
 from __future__ import annotations
 
@@ -21,9 +23,12 @@ from typing import Callable
 
 import torch
 
+from megatron_cmbert.kernels.triton_utils import AUTO_PICKS_TRITON, NOT_AUTO_REASON
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "CMBERT_ATTN_BACKEND"
+KERNEL_ENV_VAR = "CMBERT_KERNEL_BACKEND"
 
 
 @dataclass
@@ -34,13 +39,15 @@ class Backend:
     needs_cuda: bool
     """Only usable on CUDA tensors (auto never picks it for CPU tensors)."""
     half_precision_only: bool = False
+    interpretable: bool = False
+    """Also runs on CPU tensors through Triton's interpreter when TRITON_INTERPRET=1 (tests; never auto)."""
 
     def load(self) -> Callable:
         """The kernel function; ImportError when its package (or module) is missing."""
         return getattr(importlib.import_module(self.module), self.function)
 
     def unavailable_reason(self, q: torch.Tensor) -> str | None:
-        if self.needs_cuda and not q.is_cuda:
+        if self.needs_cuda and not q.is_cuda and not (self.interpretable and _interpreter_enabled()):
             return "needs CUDA tensors"
         if self.half_precision_only and q.dtype not in (torch.float16, torch.bfloat16):
             return f"needs fp16/bf16, got {q.dtype}"
@@ -56,11 +63,23 @@ BACKENDS: dict[str, Backend] = {
     "flash_attn": Backend("flash_attn", "megatron_cmbert.kernels.attention_flash", "attention_flash_attn",
                           needs_cuda=True, half_precision_only=True),
     "triton": Backend("triton", "megatron_cmbert.kernels.attention_triton", "attention_triton",
-                      needs_cuda=True),
+                      needs_cuda=True, interpretable=True),
     "flex": Backend("flex", "megatron_cmbert.kernels.attention_flex", "attention_flex", needs_cuda=True),
     "reference": Backend("reference", "megatron_cmbert.kernels.attention_reference", "attention_reference",
                          needs_cuda=False),
 }
+
+def _interpreter_enabled() -> bool:
+    from megatron_cmbert.kernels.triton_utils import interpreter_enabled
+
+    return interpreter_enabled()
+
+
+def _kernel_env_backend() -> str | None:
+    """CMBERT_KERNEL_BACKEND applies to attention only when it names an attention backend."""
+    name = os.environ.get(KERNEL_ENV_VAR)
+    return name if name in BACKENDS else None
+
 
 _auto_choice: dict[tuple[str, torch.dtype], str] = {}
 
@@ -72,7 +91,7 @@ def clear_auto_choice():
 
 def select_backend(q: torch.Tensor, backend: str | None = None) -> str:
     """Name of the backend that will run for tensors like q."""
-    name = backend or os.environ.get(ENV_VAR) or "auto"
+    name = backend or os.environ.get(ENV_VAR) or _kernel_env_backend() or "auto"
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; choose from {['auto', *BACKENDS]}")
@@ -81,7 +100,10 @@ def select_backend(q: torch.Tensor, backend: str | None = None) -> str:
     if key not in _auto_choice:
         skipped = []
         for candidate in BACKENDS.values():
-            reason = candidate.unavailable_reason(q)
+            reason = "needs CUDA tensors" if candidate.needs_cuda and not q.is_cuda else \
+                candidate.unavailable_reason(q)
+            if reason is None and candidate.name == "triton" and not AUTO_PICKS_TRITON:
+                reason = NOT_AUTO_REASON
             if reason is None:
                 _auto_choice[key] = candidate.name
                 break

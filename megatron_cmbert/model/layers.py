@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_cmbert.kernels.dispatch import rms_norm
+
 
 # ---- initialisation (HF ModernBERT: truncated normal at +- cutoff * std) ---------------------------------
 def truncated_normal_init(std: float, cutoff_factor: float = 2.0):
@@ -67,7 +69,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        # kernels.rms_norm: the same fp32 F.rms_norm (reference) or the Triton kernel (CMBERT_KERNEL_BACKEND)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_cmbert.kernels.attention import attention
+from megatron_cmbert.kernels.dispatch import apply_rope, geglu
 from megatron_cmbert.model.config import ModelConfig
-from megatron_cmbert.model.layers import (Linear, TorchSpec, apply_rotary, init_methods,
-                                          positions_from_cu_seqlens, rotary_cos_sin)
+from megatron_cmbert.model.layers import Linear, TorchSpec, init_methods, positions_from_cu_seqlens
 
 IGNORE_INDEX = -100
 
@@ -32,11 +32,11 @@ class Attention(nn.Module):
         self.Wo = spec.row_linear(config.hidden_size, config.hidden_size, inits["out"])
         self.backend = None  # None: argument-free dispatch (env var CMBERT_ATTN_BACKEND, else auto)
 
-    def forward(self, x, rope, cu_seqlens, max_seqlen):
+    def forward(self, x, positions, cu_seqlens, max_seqlen):
         qkv = self.Wqkv(x)  # (tokens, 3 * local_heads * head_dim), all tokens even under sequence parallel
         q, k, v = qkv.view(qkv.shape[0], -1, 3, self.head_dim).unbind(dim=2)
-        cos, sin = rope[self.theta]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # kernels.apply_rope: reference or fused Triton (CMBERT_KERNEL_BACKEND, else auto)
+        q, k = apply_rope(q, k, positions, self.theta)
         out = attention(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=self.backend)
         return self.Wo(out.reshape(out.shape[0], -1))
 
@@ -48,8 +48,8 @@ class GeGLU(nn.Module):
         self.Wo = spec.row_linear(config.ffn_hidden_size, config.hidden_size, inits["out"])
 
     def forward(self, x):
-        activated, gate = self.Wi(x).unflatten(-1, (-1, 2)).unbind(dim=-1)
-        return self.Wo(F.gelu(activated, approximate="none") * gate)  # exact erf GELU, like HF "gelu"
+        # Wi rows are interleaved [input_c; gate_c]; exact erf GELU, like HF "gelu" (kernels.geglu dispatch)
+        return self.Wo(geglu(self.Wi(x), interleaved=True))
 
 
 class EncoderLayer(nn.Module):
@@ -62,8 +62,8 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = norm()
         self.mlp = GeGLU(config, spec, inits)
 
-    def forward(self, x, rope, cu_seqlens, max_seqlen):
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen)
+    def forward(self, x, positions, cu_seqlens, max_seqlen):
+        x = x + self.attn(self.attn_norm(x), positions, cu_seqlens, max_seqlen)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -99,11 +99,9 @@ class CMBertModel(nn.Module):
             raise ValueError(f"sequence parallelism needs the token count ({total}) divisible by TP "
                              f"({self.spec.tensor_parallel_size}); pack with pad_to_multiple_of=TP")
         positions = positions_from_cu_seqlens(cu_seqlens, total)
-        thetas = {self.config.rope_theta(i) for i in range(self.config.num_layers)}
-        rope = {theta: rotary_cos_sin(positions, self.config.head_dim, theta) for theta in thetas}
         x = self.embeddings(input_ids)
         for layer in self.layers:
-            x = layer(x, rope, cu_seqlens, max_seqlen)
+            x = layer(x, positions, cu_seqlens, max_seqlen)
         return self.final_norm(x)
 
 

@@ -1,0 +1,420 @@
+"""Varlen sliding-window FlashAttention (forward + backward) in Triton: the `triton` attention backend.
+
+    attention_triton(q, k, v, cu_seqlens, max_seqlen, window=(left, right), softmax_scale=None)
+
+Same contract as kernels/attention_reference.py (the reference it is tested against): q, k, v packed as
+(total_tokens, heads, head_dim); query i of a sequence sees key j of the same sequence when
+i - left <= j <= i + right (-1 = unbounded side). Bidirectional, fp32 accumulation, fp32 log-sum-exp kept for
+the backward (FlashAttention-2 recomputation: no (S, S) matrix is ever stored).
+
+Layout follows flash-attention's Triton kernels: one program per (query block, sequence, head) in the
+forward and the dQ pass, one per (key block, sequence, head) in the dK/dV pass, so no atomics are needed.
+Each program visits only the key (or query) blocks that the window can reach, so a local layer costs
+O(S * window), not O(S^2). The visited range is split in three stages: blocks straddling the left edge
+(masked), blocks fully inside window and sequence (no mask arithmetic), blocks straddling the right edge or
+the sequence end (masked). Registered as torch.library custom ops so torch.compile can trace the model.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_cmbert.kernels.triton_common import cast
+from megatron_cmbert.kernels.triton_utils import launcher, next_power_of_2
+
+LOG2E = 1.4426950408889634
+MASKED = -1.0e30  # finite "minus infinity": a fully masked block then gives exp2(0) terms, later rescaled by 0
+
+
+# ---- kernels ------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, left, right, total,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr, INTERP: tl.constexpr):
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    q0 = pid_m * BLOCK_M
+    if q0 >= length:  # the grid is sized for the longest sequence
+        return
+    rows = q0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = rows < length
+    base = start.to(tl.int64)
+    q = tl.load(Q + (base + rows)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if INTERP:
+        q = q.to(tl.float32)
+    k_base = K + base * stride_kt + head * stride_kh
+    v_base = V + base * stride_vt + head * stride_vh
+
+    # Keys any row of this block may see: [lo, hi); keys every row sees: [full_lo, full_hi).
+    lo = tl.where(left >= 0, tl.maximum(q0 - left, 0), 0)
+    hi = tl.where(right >= 0, tl.minimum(q0 + BLOCK_M + right, length), length)
+    full_lo = tl.where(left >= 0, q0 + BLOCK_M - 1 - left, 0)
+    full_hi = tl.where(right >= 0, tl.minimum(q0 + right + 1, length), length)
+    lo_b = (lo // BLOCK_N) * BLOCK_N
+    mid_lo = lo_b + tl.cdiv(tl.maximum(full_lo - lo_b, 0), BLOCK_N) * BLOCK_N
+    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
+    end0 = tl.minimum(mid_lo, hi)
+    start2 = tl.maximum(mid_hi, end0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for stage in tl.static_range(3):
+        if stage == 0:
+            n_begin, n_end = lo_b, end0
+        elif stage == 1:
+            n_begin, n_end = mid_lo, mid_hi
+        else:
+            n_begin, n_end = start2, hi
+        for n0 in range(n_begin, n_end, BLOCK_N):
+            cols = n0 + offs_n
+            kv_mask = (cols < length)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            if INTERP:
+                k = k.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            if stage != 1:
+                keep = (cols[None, :] < length)
+                keep &= (cols[None, :] >= rows[:, None] - left) | (left < 0)
+                keep &= (cols[None, :] <= rows[:, None] + right) | (right < 0)
+                qk = tl.where(keep, qk, MASKED)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            p_in = cast(p, V.dtype.element_ty, INTERP)  # P rounded to the input precision, as tensor cores get it
+            if INTERP:
+                v, p_in = v.to(tl.float32), p_in.to(tl.float32)
+            acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(O + (base + rows)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             cast(out, O.dtype.element_ty, INTERP), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + head.to(tl.int64) * total + base + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, total, heads, stride_ot, stride_oh, stride_dt, stride_dh,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """delta[h, t] = sum_d o * do: the row term of softmax's backward, computed once per row."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (tokens < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    t64 = tokens.to(tl.int64)[:, None]
+    o = tl.load(O + t64 * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + t64 * stride_dt + head * stride_dh + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + head.to(tl.int64) * total + tokens, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=tokens < total)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, scale_log2, left, right, total,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr):
+    pid_n = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    n0 = pid_n * BLOCK_N
+    if n0 >= length:
+        return
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    col_ok = cols < length
+    base = start.to(tl.int64)
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + (base + cols)[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + (base + cols)[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    if INTERP:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    q_base = Q + base * stride_qt + head * stride_qh
+    do_base = DO + base * stride_dot + head * stride_doh
+    row_base = head.to(tl.int64) * total + base
+
+    # Queries that see some key of this block: i - left <= j <= i + right  <=>  j - right <= i <= j + left.
+    lo = tl.where(right >= 0, tl.maximum(n0 - right, 0), 0)
+    hi = tl.where(left >= 0, tl.minimum(n0 + BLOCK_N + left, length), length)
+    full_lo = tl.where(right >= 0, n0 + BLOCK_N - 1 - right, 0)
+    full_hi = tl.where(left >= 0, tl.minimum(n0 + left + 1, length), length)
+    lo_b = (lo // BLOCK_M) * BLOCK_M
+    mid_lo = lo_b + tl.cdiv(tl.maximum(full_lo - lo_b, 0), BLOCK_M) * BLOCK_M
+    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_M) * BLOCK_M
+    end0 = tl.minimum(mid_lo, hi)
+    start2 = tl.maximum(mid_hi, end0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for stage in tl.static_range(3):
+        if stage == 0:
+            m_begin, m_end = lo_b, end0
+        elif stage == 1:
+            m_begin, m_end = mid_lo, mid_hi
+        else:
+            m_begin, m_end = start2, hi
+        for m0 in range(m_begin, m_end, BLOCK_M):
+            rows = m0 + offs_m
+            row_ok = rows < length
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+            if INTERP:
+                q, do = q.to(tl.float32), do.to(tl.float32)
+            lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
+            # Transposed scores (keys x queries) so dK, dV accumulate as plain (BLOCK_N, D) products.
+            p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2 - lse[None, :])
+            if stage != 1:
+                keep = row_ok[None, :]
+                keep &= (cols[:, None] >= rows[None, :] - left) | (left < 0)
+                keep &= (cols[:, None] <= rows[None, :] + right) | (right < 0)
+                p_t = tl.where(keep, p_t, 0.0)
+            p_in = cast(p_t, DO.dtype.element_ty, INTERP)
+            if INTERP:
+                p_in = p_in.to(tl.float32)
+            dv = tl.dot(p_in, do, dv, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            ds_in = cast(ds_t, Q.dtype.element_ty, INTERP)
+            if INTERP:
+                ds_in = ds_in.to(tl.float32)
+            dk = tl.dot(ds_in, q, dk, input_precision=PRECISION)
+    tl.store(DK + (base + cols)[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+             cast(dk * scale, DK.dtype.element_ty, INTERP), mask=kv_mask)
+    tl.store(DV + (base + cols)[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :],
+             cast(dv, DV.dtype.element_ty, INTERP), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2, left, right, total,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_dqt, stride_dqh,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr, INTERP: tl.constexpr):
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    q0 = pid_m * BLOCK_M
+    if q0 >= length:
+        return
+    rows = q0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = rows < length
+    base = start.to(tl.int64)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + (base + rows)[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask,
+                other=0.0)
+    do = tl.load(DO + (base + rows)[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_mask,
+                 other=0.0)
+    if INTERP:
+        q, do = q.to(tl.float32), do.to(tl.float32)
+    row_base = head.to(tl.int64) * total + base
+    lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
+    k_base = K + base * stride_kt + head * stride_kh
+    v_base = V + base * stride_vt + head * stride_vh
+
+    # Same key ranges as the forward.
+    lo = tl.where(left >= 0, tl.maximum(q0 - left, 0), 0)
+    hi = tl.where(right >= 0, tl.minimum(q0 + BLOCK_M + right, length), length)
+    full_lo = tl.where(left >= 0, q0 + BLOCK_M - 1 - left, 0)
+    full_hi = tl.where(right >= 0, tl.minimum(q0 + right + 1, length), length)
+    lo_b = (lo // BLOCK_N) * BLOCK_N
+    mid_lo = lo_b + tl.cdiv(tl.maximum(full_lo - lo_b, 0), BLOCK_N) * BLOCK_N
+    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
+    end0 = tl.minimum(mid_lo, hi)
+    start2 = tl.maximum(mid_hi, end0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for stage in tl.static_range(3):
+        if stage == 0:
+            n_begin, n_end = lo_b, end0
+        elif stage == 1:
+            n_begin, n_end = mid_lo, mid_hi
+        else:
+            n_begin, n_end = start2, hi
+        for n0 in range(n_begin, n_end, BLOCK_N):
+            cols = n0 + offs_n
+            kv_mask = (cols < length)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            if INTERP:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - lse[:, None])
+            if stage != 1:
+                keep = (cols[None, :] < length)
+                keep &= (cols[None, :] >= rows[:, None] - left) | (left < 0)
+                keep &= (cols[None, :] <= rows[:, None] + right) | (right < 0)
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            ds_in = cast(ds, K.dtype.element_ty, INTERP)
+            if INTERP:
+                ds_in = ds_in.to(tl.float32)
+            dq = tl.dot(ds_in, k, dq, input_precision=PRECISION)
+    tl.store(DQ + (base + rows)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+             cast(dq * scale, DQ.dtype.element_ty, INTERP), mask=q_mask)
+
+
+# ---- launch configuration -----------------------------------------------------------------------------
+def _config(q: torch.Tensor, kind: str) -> dict:
+    """Block sizes (BLOCK_M = queries, BLOCK_N = keys per step) and launch options.
+
+    Under the interpreter, blocks are small and unequal so that the tests reach every stage and the
+    BLOCK_M != BLOCK_N paths on short sequences. On GPU: the FlashAttention-2 Triton tutorial's H100 shapes
+    (forward 128 x 64; backward dK/dV 128 keys x 32 queries, dQ 128 queries x 32 keys), halved for fp32
+    operands and for head_dim 128, which would otherwise exceed registers / shared memory."""
+    if not q.is_cuda:
+        return {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
+                "dq": dict(BLOCK_M=64, BLOCK_N=32)}[kind]
+    big = q.shape[-1] > 64 or q.dtype == torch.float32
+    if kind == "fwd":
+        return dict(BLOCK_M=128 if not big else 64, BLOCK_N=64 if not big else 32, num_warps=4, num_stages=3)
+    if kind == "dkdv":
+        return dict(BLOCK_M=32 if not big else 16, BLOCK_N=128 if not big else 64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128 if not big else 64, BLOCK_N=32 if not big else 16, num_warps=4, num_stages=2)
+
+
+def _precision(q: torch.Tensor) -> dict:
+    # fp32 inputs must not silently drop to tf32 (PyTorch's fp32 matmul does not either). Triton 3.9's
+    # interpreter multiplies bf16/fp16 tiles as raw integers, so there (INTERP) every dot operand is upcast to
+    # fp32 (exact for values already rounded to the input dtype, so the arithmetic matches the GPU's).
+    return dict(PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERP=not q.is_cuda)
+
+
+def _checked(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _grid(max_seqlen: int, block: int, num_seqs: int, heads: int):
+    return (triton.cdiv(max(int(max_seqlen), 1), block), num_seqs, heads)
+
+
+# ---- custom ops -------------------------------------------------------------------------------------------
+@torch.library.custom_op("cmbert::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seqlen: int, left: int, right: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (T, H, D) in q's dtype, lse (H, T) fp32 in log2 units of the scaled scores)."""
+    q, k, v = (_checked(t) for t in (q, k, v))
+    total, heads, head_dim = q.shape
+    out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    if total == 0:
+        return out, lse
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    cfg = _config(q, "fwd")
+    launcher(_fwd_kernel, q)[_grid(max_seqlen, cfg["BLOCK_M"], cu.numel() - 1, heads)](
+        q, k, v, out, lse, cu, scale * LOG2E, left, right, total,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+        out.stride(1), HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), **_precision(q), **cfg)
+    return out, lse
+
+
+@attention_forward.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, left, right, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("cmbert::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                       left: int, right: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, out, grad_out = (_checked(t) for t in (q, k, v, out, grad_out))
+    total, heads, head_dim = q.shape
+    dq, dk, dv = (torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device) for _ in range(3))
+    if total == 0:
+        return dq, dk, dv
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    block_d = max(16, next_power_of_2(head_dim))
+    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    block_t = 64
+    launcher(_bwd_delta_kernel, q)[(triton.cdiv(total, block_t), heads)](
+        out, grad_out, delta, total, heads, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, **_precision(q))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
+               grad_out.stride(1))
+    cfg = _config(q, "dkdv")
+    launcher(_bwd_dkdv_kernel, q)[_grid(max_seqlen, cfg["BLOCK_N"], cu.numel() - 1, heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, cu, scale, scale * LOG2E, left, right, total, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **common, **cfg)
+    cfg = _config(q, "dq")
+    launcher(_bwd_dq_kernel, q)[_grid(max_seqlen, cfg["BLOCK_M"], cu.numel() - 1, heads)](
+        q, k, v, grad_out, lse, delta, dq, cu, scale, scale * LOG2E, left, right, total, *strides,
+        dq.stride(0), dq.stride(1), **common, **cfg)
+    return dq, dk, dv
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, left, right, scale):
+    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, left, right, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.args = (max_seqlen, left, right, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public function (the `triton` backend of kernels.attention) ----------------------------------------
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, window: tuple[int, int] = (-1, -1),
+                     softmax_scale: float | None = None) -> torch.Tensor:
+    if q.shape[-1] > 256:
+        raise ValueError(f"head_dim {q.shape[-1]} > 256 is not supported by the Triton attention kernel")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    left, right = (int(w) for w in window)
+    out, _ = attention_forward(q, k, v, cu_seqlens, int(max_seqlen), left, right, scale)
+    return out
+
+
+def attention_flops(lengths, heads: int, head_dim: int, window=(-1, -1), mode: str = "fwd") -> float:
+    """Useful matmul FLOPs (masked pairs not counted): 4 * pairs * head_dim per head forward, 2.5x that for
+    the backward (ANCHORS.md's convention)."""
+    left, right = window
+    pairs = 0
+    for n in lengths:
+        n = int(n)
+        if left < 0 and right < 0:
+            pairs += n * n
+            continue
+        lft = n if left < 0 else left
+        rgt = n if right < 0 else right
+        pairs += sum(min(n - 1, i + rgt) - max(0, i - lft) + 1 for i in range(n))  # keys each query sees
+    forward = 4.0 * pairs * head_dim * heads
+    return {"fwd": forward, "bwd": 2.5 * forward, "fwd_bwd": 3.5 * forward}[mode]
+
+
+__all__ = ["attention_triton", "attention_forward", "attention_backward", "attention_flops"]

@@ -1,0 +1,132 @@
+"""Rotary position embedding on packed q and k: reference, Triton kernel (q and k in one launch), autograd.
+
+    rope_reference(q, k, positions, theta) / rope_triton(q, k, positions, theta) -> (q_rotated, k_rotated)
+
+q, k: (tokens, heads, head_dim), any token/head strides (the model passes views into its fused QKV output).
+Non-interleaved ("rotate half") form, as HF ModernBERT: for the pair (x1, x2) = (x[:d/2], x[d/2:]),
+y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, angle = position * theta^(-2i/d). Positions restart per sequence
+(model/layers.py positions_from_cu_seqlens). Angles and the rotation are fp32; outputs in the input dtype.
+The inverse frequencies are computed by PyTorch exactly as the model does, so the kernel's fp32 angles are
+bitwise the reference's and only cos/sin rounding differs. The backward is the same kernel rotating by -angle
+(flash-attention's `conjugate`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_cmbert.kernels.triton_common import cast
+from megatron_cmbert.kernels.triton_utils import launcher, next_power_of_2
+
+
+@functools.lru_cache(maxsize=16)
+def inverse_frequencies(theta: float, head_dim: int, device: str) -> torch.Tensor:
+    """fp32 (head_dim / 2,) 1 / theta^(2i/d), the same expression as model/layers.py rotary_cos_sin."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
+    """Pure PyTorch, fp32 math, same operations as model/layers.py (rotary_cos_sin + apply_rotary)."""
+    inv_freq = inverse_frequencies(float(theta), q.shape[-1], str(q.device))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+
+    def rotate(x):
+        xf = x.float()
+        half = x.shape[-1] // 2
+        return (xf * cos + torch.cat((-xf[..., half:], xf[..., :half]), dim=-1) * sin).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+@triton.jit
+def _rope_kernel(Q, K, QO, KO, POS, INV_FREQ, total, heads,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+                 CONJUGATE: tl.constexpr, INTERP: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = tokens < total
+    offs_f = tl.arange(0, BLOCK_HALF)
+    f_ok = offs_f < HALF
+    offs_h = tl.arange(0, BLOCK_H)
+    # cos/sin once per (token, frequency), shared by every head of q and k.
+    pos = tl.load(POS + tokens, mask=t_ok, other=0).to(tl.float32)
+    inv = tl.load(INV_FREQ + offs_f, mask=f_ok, other=0.0)
+    angle = pos[:, None] * inv[None, :]
+    cos = tl.cos(angle)[:, None, :]
+    sin = tl.sin(angle)[:, None, :]
+    if CONJUGATE:
+        sin = -sin
+    mask = t_ok[:, None, None] & (offs_h < heads)[None, :, None] & f_ok[None, None, :]
+    t64 = tokens.to(tl.int64)[:, None, None]
+    # q
+    src = Q + t64 * stride_qt + offs_h[None, :, None] * stride_qh + offs_f[None, None, :]
+    dst = QO + t64 * stride_qot + offs_h[None, :, None] * stride_qoh + offs_f[None, None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, cast(x1 * cos - x2 * sin, QO.dtype.element_ty, INTERP), mask=mask)
+    tl.store(dst + HALF, cast(x2 * cos + x1 * sin, QO.dtype.element_ty, INTERP), mask=mask)
+    # k (same tile shape and angles)
+    src = K + t64 * stride_kt + offs_h[None, :, None] * stride_kh + offs_f[None, None, :]
+    dst = KO + t64 * stride_kot + offs_h[None, :, None] * stride_koh + offs_f[None, None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, cast(x1 * cos - x2 * sin, KO.dtype.element_ty, INTERP), mask=mask)
+    tl.store(dst + HALF, cast(x2 * cos + x1 * sin, KO.dtype.element_ty, INTERP), mask=mask)
+
+
+def _launch(q, k, positions, inv_freq, conjugate: bool):
+    if q.shape != k.shape or q.dim() != 3 or q.shape[-1] % 2:
+        raise ValueError(f"q, k must share a (tokens, heads, even head_dim) shape, got {q.shape}, {k.shape}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    total, heads, head_dim = q.shape
+    q_out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty_like(q_out, dtype=k.dtype)
+    if total == 0:
+        return q_out, k_out
+    block_h, block_half = next_power_of_2(heads), next_power_of_2(head_dim // 2)
+    # ~4k elements of each half per program on GPU; under the interpreter fewer, larger programs are cheaper.
+    block_t = max(1, 4096 // (block_h * block_half)) if q.is_cuda else 32
+    launcher(_rope_kernel, q)[(triton.cdiv(total, block_t),)](
+        q, k, q_out, k_out, positions, inv_freq, total, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), HALF=head_dim // 2,
+        BLOCK_HALF=block_half, BLOCK_H=block_h, BLOCK_T=block_t, CONJUGATE=conjugate, INTERP=not q.is_cuda, num_warps=4)
+    return q_out, k_out
+
+
+@torch.library.custom_op("cmbert::rope", mutates_args=())
+def rope_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+            conjugate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(q, k, positions, inv_freq, conjugate)
+
+
+@rope_op.register_fake
+def _(q, k, positions, inv_freq, conjugate):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, positions, inv_freq, conjugate = inputs
+    ctx.save_for_backward(positions, inv_freq)
+    ctx.conjugate = conjugate
+
+
+def _backward(ctx, grad_q, grad_k):
+    positions, inv_freq = ctx.saved_tensors
+    # A rotation's transpose is the rotation by the opposite angle.
+    dq, dk = rope_op(grad_q, grad_k, positions, inv_freq, not ctx.conjugate)
+    return dq, dk, None, None, None
+
+
+rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
+    inv_freq = inverse_frequencies(float(theta), q.shape[-1], str(q.device))
+    return rope_op(q, k, positions.to(q.device), inv_freq, False)

@@ -1,0 +1,107 @@
+"""Triton varlen sliding-window attention (kernels/attention_triton.py), forward and backward, against an fp64
+dense computation whose document x window mask is built here from scratch (flash-attention's
+construct_local_mask). Runs on the GPU when CUDA is available, else under Triton's interpreter (small shapes:
+the interpreter executes every program in Python).
+
+Tolerance (flash-attention's rule): the kernel's max error against fp64 is at most 2x the error of PyTorch's
+own computation in the same dtype (kernels/attention_reference.py), plus a few fp32 ulps of slack because in
+fp32 both errors are at rounding level and differ only by summation order.
+"""
+import pytest
+import torch
+
+from megatron_cmbert.kernels.attention_reference import attention_reference
+from megatron_cmbert.kernels.attention_triton import attention_flops, attention_triton
+from megatron_cmbert.model.padding import cu_seqlens_from_lengths
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (shape too large for Triton's CPU interpreter)")
+LENGTHS = [1, 7, 130, 257]  # a single token, shorter than a block, straddling blocks, odd
+FP32_SLACK = 2e-6  # ~16 fp32 ulps at O(1) outputs
+
+
+def construct_local_mask(lengths, window, device=None):
+    """(T, T) bool: same sequence and i - left <= j <= i + right (negative = unbounded)."""
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+    total = doc.numel()
+    i = torch.arange(total, device=device)[:, None]
+    j = torch.arange(total, device=device)[None, :]
+    keep = doc[:, None] == doc[None, :]
+    left, right = window
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def dense_fp64(q, k, v, lengths, window, scale):
+    keep = construct_local_mask(lengths, window, device=q.device)
+    scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+    return torch.einsum("hij,jhd->ihd", scores.masked_fill(~keep, float("-inf")).softmax(-1), v)
+
+
+def check(lengths, heads, head_dim, dtype, window, seed=0, scale=None, noncontiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    if noncontiguous:  # the model's layout: views into one fused (T, H, 3, D) projection
+        qkv = torch.randn(total, heads, 3, head_dim, generator=g).to(DEVICE, dtype)
+        q, k, v = qkv.unbind(2)
+    else:
+        q, k, v = (torch.randn(total, heads, head_dim, generator=g).to(DEVICE, dtype) for _ in range(3))
+    grad = torch.randn(total, heads, head_dim, generator=g).to(DEVICE, dtype)
+    cu = cu_seqlens_from_lengths(lengths, device=DEVICE)
+    scale = head_dim ** -0.5 if scale is None else scale
+
+    def run(fn, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(grad.to(out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    exact = run(lambda *t: dense_fp64(*t, lengths, window, scale), [t.double() for t in (q, k, v)])
+    torch_low = run(lambda *t: attention_reference(*t, cu, max(lengths), window=window, softmax_scale=scale),
+                    (q, k, v))
+    mine = run(lambda *t: attention_triton(*t, cu, max(lengths), window=window, softmax_scale=scale), (q, k, v))
+    slack = FP32_SLACK if dtype == torch.float32 else 1e-6
+    for name, m, t, e in zip(("out", "dq", "dk", "dv"), mine, torch_low, exact):
+        assert m.dtype == dtype and torch.isfinite(m).all(), name
+        err, torch_err = (m.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+        assert err <= 2 * torch_err + slack, f"{name}: kernel error {err:.3g} > 2 x torch's {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (0, 0), (1, 1), (64, 64), (5, 70), (-1, 3), (40, -1)])
+def test_fp32_windows(window):
+    check(LENGTHS, heads=3, head_dim=32, dtype=torch.float32, window=window)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (64, 64), (1, 0)])
+def test_bf16_head_dim_64(window):
+    check(LENGTHS, heads=3, head_dim=64, dtype=torch.bfloat16, window=window, seed=1, noncontiguous=True)
+
+
+def test_odd_head_dim_and_custom_scale():
+    # head_dim 24 is padded to a 32-wide tile; the padding must not leak into scores or outputs.
+    check([5, 70, 33], heads=2, head_dim=24, dtype=torch.float32, window=(9, 4), seed=2, scale=0.3)
+
+
+def test_window_cost_grows_with_window_not_sequence():
+    # The FLOP model the benchmark uses: global is S^2 pairs, window (w, w) about S(2w+1).
+    assert attention_flops([8], 1, 1) == 4 * 64
+    assert attention_flops([8], 1, 1, window=(0, 0)) == 4 * 8
+    assert attention_flops([8], 1, 1, window=(1, 1)) == 4 * (8 * 3 - 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("window", [(-1, -1), (64, 64), (128, 0)])
+def test_cuda_large(dtype, head_dim, window):
+    check([1000, 3000, 17, 513], heads=4, head_dim=head_dim, dtype=dtype, window=window, seed=3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("window", [(-1, -1), (64, 64)])
+def test_cuda_fp32_large(window):
+    check([1000, 511], heads=2, head_dim=64, dtype=torch.float32, window=window, seed=4)

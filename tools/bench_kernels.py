@@ -1,0 +1,226 @@
+"""Microbenchmark of the Triton kernels against their baselines, on the model's shapes.
+
+    python tools/bench_kernels.py [--csv FILE] [--ops attention,rope,geglu,rms_norm] [--modes fwd,bwd,fwd_bwd]
+    python tools/bench_kernels.py --smoke      # tiny shapes, CPU + Triton interpreter: checks the harness (CI)
+
+Each row: median time, achieved TFLOP/s (attention) or GB/s (the rest), percentage of the peak measured in
+this same run (a large device copy, counting read + write bytes; a large bf16 matmul), and each baseline's
+time over ours (>1 = we are faster). Baselines, when importable: the PyTorch reference eager and under
+torch.compile, FlexAttention with a document + window block mask, flash-attn, torch.nn.RMSNorm, Liger.
+The short table is printed last; --csv writes every row.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ATTN_CASES = [(1024, (-1, -1)), (1024, (64, 64)), (8192, (-1, -1)), (8192, (64, 64))]  # window 128 = +-64
+
+
+def timer(device: str, smoke: bool):
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def cpu(fn, reps=1 if smoke else 5):
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    return cpu
+
+
+def peaks(device, bench, smoke):
+    """(copy GB/s counting read + write, bf16 matmul TFLOP/s), both measured now."""
+    n = 2 ** 16 if smoke else 2 ** 28
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() * 4 / bench(lambda: dst.copy_(src)) / 1e6
+    m = 256 if smoke else 8192
+    a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm_tflops = 2 * m ** 3 / bench(lambda: a @ b) / 1e9
+    del src, dst, a, b
+    return copy_gbs, mm_tflops
+
+
+def make_runner(fn, inputs, mode):
+    """A no-argument callable timing `mode` of fn(*inputs): fwd, bwd (backward only) or fwd_bwd."""
+    leaves = [t.detach().clone().requires_grad_(mode != "fwd" and t.is_floating_point()) for t in inputs]
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(*leaves)
+        return run
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+    if mode == "bwd":
+        return lambda: torch.autograd.backward(outs, grads, retain_graph=True)
+
+    def run():
+        fresh = fn(*leaves)
+        torch.autograd.backward(fresh if isinstance(fresh, tuple) else (fresh,), grads)
+    return run
+
+
+def attention_impls(smoke, compile_ok):
+    from megatron_cmbert.kernels.attention_reference import attention_reference
+    from megatron_cmbert.kernels.attention_triton import attention_triton
+
+    impls = {"triton": attention_triton, "reference": attention_reference}
+    if compile_ok:
+        # Opt-in: the reference loops over documents in Python, so dynamo unrolls up to 64 of them per case
+        # and the compile time would dominate the GPU check's 8-minute budget.
+        impls["compiled_ref"] = torch.compile(attention_reference, dynamic=False)
+    try:
+        from megatron_cmbert.kernels.attention_flex import attention_flex
+        impls["flex"] = attention_flex
+    except ImportError:
+        pass
+    try:
+        from megatron_cmbert.kernels.attention_flash import attention_flash_attn
+        impls["flash_attn"] = attention_flash_attn
+    except ImportError:
+        pass
+    return impls
+
+
+def elementwise_impls(op, compile_ok):
+    from megatron_cmbert.kernels import geglu_triton, rms_norm_triton, rope_triton
+
+    module = {"rope": rope_triton, "geglu": geglu_triton, "rms_norm": rms_norm_triton}[op]
+    impls = {"triton": getattr(module, f"{op}_triton"), "reference": getattr(module, f"{op}_reference")}
+    if compile_ok:
+        impls["compiled_ref"] = torch.compile(impls["reference"], dynamic=False)
+    if op == "rms_norm":
+        impls["torch.nn.RMSNorm"] = lambda x, w, eps: torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
+        try:
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+            impls["liger"] = lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps)
+        except ImportError:
+            pass
+    return impls
+
+
+def cases(args, device, dtype):
+    """(op, case label, inputs, work, unit, impls) with work in FLOPs per forward (attention) or bytes per mode."""
+    from megatron_cmbert.kernels.attention_triton import attention_flops
+    from megatron_cmbert.model.layers import positions_from_cu_seqlens
+    from megatron_cmbert.model.padding import cu_seqlens_from_lengths
+
+    tokens, heads, head_dim, hidden, ffn = (args.tokens, 16, 64, 1024, 2624)
+    if args.smoke:
+        tokens, heads, head_dim, hidden, ffn = 96, 2, 32, 48, 40
+    size = torch.finfo(dtype).bits // 8
+    compile_ok = not args.no_compile
+    if "attention" in args.ops:
+        impls = attention_impls(args.smoke, compile_ok and args.compile_attention)
+        for seq, window in ([(32, (-1, -1)), (32, (8, 8))] if args.smoke else ATTN_CASES):
+            lengths = [seq] * max(1, tokens // seq)
+            total = sum(lengths)
+            cu = cu_seqlens_from_lengths(lengths, device=device)
+            q, k, v = (torch.randn(total, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+            flops = {m: attention_flops(lengths, heads, head_dim, window, m) for m in ("fwd", "bwd", "fwd_bwd")}
+            wrapped = {name: (lambda f: lambda q, k, v: f(q, k, v, cu, seq, window=window))(f)
+                       for name, f in impls.items()}
+            yield "attention", f"S={seq} w={window[0] * 2 if window[0] >= 0 else 'global'}", (q, k, v), flops, \
+                "TFLOP/s", wrapped
+    elw = []
+    if "rope" in args.ops:
+        cu = cu_seqlens_from_lengths([tokens // 2, tokens - tokens // 2], device=device)
+        pos = positions_from_cu_seqlens(cu, tokens)
+        qkv = torch.randn(tokens, heads, 3, head_dim, device=device, dtype=dtype)
+        nbytes = 4 * tokens * heads * head_dim * size  # read q, k; write q', k' (per pass)
+        impls = {n: (lambda f: lambda q, k: f(q, k, pos, 10_000.0))(f)
+                 for n, f in elementwise_impls("rope", compile_ok).items()}
+        elw.append(("rope", f"T={tokens} {heads}x{head_dim}", (qkv[:, :, 0], qkv[:, :, 1]),
+                    {"fwd": nbytes, "bwd": nbytes, "fwd_bwd": 2 * nbytes}, impls))
+    if "geglu" in args.ops:
+        x = torch.randn(tokens, 2 * ffn, device=device, dtype=dtype)
+        fwd, bwd = 3 * tokens * ffn * size, 5 * tokens * ffn * size  # fwd: x in, y out; bwd: x, dy in, dx out
+        impls = {n: (lambda f: lambda x: f(x, True))(f) for n, f in elementwise_impls("geglu", compile_ok).items()}
+        elw.append(("geglu", f"T={tokens} I={ffn}", (x,), {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}, impls))
+    if "rms_norm" in args.ops:
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+        w = torch.ones(hidden, device=device, dtype=dtype)
+        fwd, bwd = 2 * tokens * hidden * size, 3 * tokens * hidden * size
+        impls = {n: (lambda f: lambda x, w: f(x, w, 1e-5))(f)
+                 for n, f in elementwise_impls("rms_norm", compile_ok).items()}
+        elw.append(("rms_norm", f"T={tokens} H={hidden}", (x, w), {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd},
+                    impls))
+    for op, label, inputs, work, impls in elw:
+        yield op, label, inputs, work, "GB/s", impls
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under Triton's interpreter")
+    parser.add_argument("--csv", help="write every row to this CSV file")
+    parser.add_argument("--ops", default="attention,rope,geglu,rms_norm")
+    parser.add_argument("--modes", default="fwd,bwd,fwd_bwd")
+    parser.add_argument("--tokens", type=int, default=65536, help="packed tokens per call (model: 16k-64k)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--compile-attention", action="store_true",
+                        help="also time the torch.compile'd attention reference (slow to compile)")
+    args = parser.parse_args(argv)
+    args.ops = args.ops.split(",")
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run on CPU tensors via the interpreter
+        args.no_compile = args.no_compile or args.smoke  # inductor's C++ build would dominate a smoke run
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bench = timer(device, args.smoke)
+    copy_gbs, mm_tflops = peaks(device, bench, args.smoke)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
+    print(f"device: {name}; measured peaks: copy {copy_gbs:.0f} GB/s (read+write), bf16 matmul "
+          f"{mm_tflops:.1f} TFLOP/s", flush=True)
+    rows = []
+    for op, label, inputs, work, unit, impls in cases(args, device, dtype):
+        for mode in args.modes.split(","):
+            times = {}
+            for impl, fn in impls.items():
+                if impl == "flex" and device == "cpu" and mode != "fwd":
+                    continue  # FlexAttention's backward does not run on CPU
+                try:
+                    times[impl] = bench(make_runner(fn, inputs, mode))
+                except Exception as error:  # a baseline that cannot run here is reported, not fatal
+                    print(f"  {op} {label} {mode} {impl}: skipped ({type(error).__name__}: {error})"[:200])
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            for impl, ms in times.items():
+                rate = work[mode] / ms / (1e9 if unit == "TFLOP/s" else 1e6)
+                peak = mm_tflops if unit == "TFLOP/s" else copy_gbs
+                rows.append(dict(op=op, case=label, mode=mode, impl=impl, ms=round(ms, 4), rate=float(f"{rate:.4g}"),
+                                 unit=unit, pct_peak=round(100 * rate / peak, 1),
+                                 speedup_vs_this=round(ms / times["triton"], 3) if "triton" in times else ""))
+            print(f"  {op} {label} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    # Short table: our kernel per case and mode, with each baseline's time / ours.
+    print(f"\n{'op':9} {'case':20} {'mode':8} {'ms':>9} {'rate':>14} {'%peak':>6}  baseline time / triton time")
+    for row in rows:
+        if row["impl"] != "triton":
+            continue
+        others = [r for r in rows if (r["op"], r["case"], r["mode"]) == (row["op"], row["case"], row["mode"])
+                  and r["impl"] != "triton"]
+        ratios = " ".join(f"{r['impl']}={r['speedup_vs_this']}x" for r in others)
+        print(f"{row['op']:9} {row['case']:20} {row['mode']:8} {row['ms']:9.3f} {row['rate']:>8} {row['unit']:7}"
+              f"{row['pct_peak']:5.1f}%  {ratios}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
