@@ -1,24 +1,48 @@
 #!/usr/bin/env bash
-# The main job on the bundled demo corpus, on a CPU: dedup -> tokenizer -> indexed dataset -> a look.
-# Outputs go to $OUT (default demo_run/). Later issues extend this to pretraining and HF export.
+# The main job on the bundled demo corpus, on a CPU: dedup -> tokenizer -> indexed dataset -> a look ->
+# 2-process TP=2 pretraining of the tiny preset with a checkpoint -> resume -> more steps.
+# Outputs go to $OUT (default demo_run/; removed first so every run starts fresh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup_env.sh
 OUT=${OUT:-demo_run}
+rm -rf "$OUT"
 CORPUS=examples/data/demo_corpus.jsonl
 export TOKENIZERS_PARALLELISM=false
 
-echo; echo "== 1/4 near-duplicate removal (MinHash, Jaccard >= 0.8)"
+echo; echo "== 1/6 near-duplicate removal (MinHash, Jaccard >= 0.8)"
 python tools/dedup_minhash.py --input "$CORPUS" --output-dir "$OUT/dedup" --no-progress
 
-echo; echo "== 2/4 tokenizer (character BPE, size a multiple of 64)"
+echo; echo "== 2/6 tokenizer (character BPE, size a multiple of 64)"
 python tools/train_tokenizer.py --input "$OUT/dedup/demo_corpus.jsonl" --vocab-size 8192 \
     --limit-alphabet 4000 --output-dir "$OUT/tokenizer" --quiet
 
-echo; echo "== 3/4 indexed dataset with whole-word metadata"
+echo; echo "== 3/6 indexed dataset with whole-word metadata"
 python tools/preprocess_data.py --input "$OUT/dedup/demo_corpus.jsonl" --json-keys text \
     --tokenizer-model "$OUT/tokenizer" --output-prefix "$OUT/data/demo" --workers 2
 
-echo; echo "== 4/4 a look at two documents, whole-word units between bars"
+echo; echo "== 4/6 a look at two documents, whole-word units between bars"
 python tools/inspect_dataset.py --data-prefix "$OUT/data/demo_text_document" \
     --tokenizer-model "$OUT/tokenizer" --doc 0 300 --max-tokens 80
+
+# Pretraining: the tiny preset, TP=2 with sequence parallelism on 2 CPU processes (gloo).
+PRETRAIN_ARGS=(
+    --preset tiny --tensor-model-parallel-size 2 --sequence-parallel
+    --tokenizer-model "$OUT/tokenizer" --data-path "$OUT/data/demo_text_document" --split 98,2,0
+    --seq-length 128 --micro-batch-size 8 --global-batch-size 16
+    --train-iters 60 --lr 2e-3 --min-lr 1e-4 --lr-warmup-iters 6 --lr-decay-style damped_cosine
+    --mask-schedule dynamic --log-interval 10 --eval-interval 30 --eval-iters 2
+    --save "$OUT/checkpoints" --save-interval 30 --metrics-file "$OUT/metrics.jsonl" --seed 1234
+)
+echo; echo "== 5/6 pretraining, first 30 of 60 steps (then a checkpoint and a stop)"
+OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tools/pretrain.py "${PRETRAIN_ARGS[@]}" --exit-interval 30
+
+echo; echo "== 6/6 resume from the checkpoint, steps 31-60"
+OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tools/pretrain.py "${PRETRAIN_ARGS[@]}" --load "$OUT/checkpoints"
+
+python - "$OUT/metrics.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if '"loss"' in line]
+print(f"\nloss at step {rows[0]['step']}: {rows[0]['loss']:.3f} -> step {rows[-1]['step']}: {rows[-1]['loss']:.3f}"
+      f" (masked-token accuracy {rows[-1]['accuracy']:.3f})")
+PY

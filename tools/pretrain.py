@@ -81,9 +81,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     args = parse_args(argv)
+    # Third-party notices that say nothing about this run: optional TE/apex absent, torch's own
+    # deprecations inside megatron-core and torch.distributed, and a GPU-only tuning hint.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
+    if not _cuda_available():
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     import torch
 
     from megatron_cmbert.data.tokenizer import load_tokenizer
