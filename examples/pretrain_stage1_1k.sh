@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Stage I: the paper's large model at 1,024 tokens, Table 1 data mixture, whole-word masking with the
+# dynamic curriculum (15% -> 30% in warmup, 30% -> 15% after), StableAdamW, damped-cosine LR 5e-5 -> 8e-4.
+#
+#   NNODES=16 NODE_RANK=$i MASTER_ADDR=host0 GPUS_PER_NODE=8 DATA_DIR=/data/cmbert \
+#   TOKENIZER=/data/cmbert/tok32k SAVE=/ckpt/stage1 bash examples/pretrain_stage1_1k.sh
+#
+# Paper values: model, mixture, betas, weight decay, clip, LR warmup 5e-5 -> 8e-4, masking curriculum.
+# Our choices (the paper does not state them; override by environment): batch, steps, warmup length,
+# cycles N, damping, min LR, TP.
+cd "$(dirname "$0")/.."
+. examples/common.sh
+
+DATA_DIR=${DATA_DIR:?set DATA_DIR to the folder of the preprocessed datasets}
+TOKENIZER=${TOKENIZER:?set TOKENIZER to the tokenizer directory}
+SAVE=${SAVE:?set SAVE to the checkpoint directory}
+TP=${TP:-1}                            # 1 fits the 377M model on one H100; 2 halves activations
+MICRO_BATCH=${MICRO_BATCH:-16}
+GLOBAL_BATCH=${GLOBAL_BATCH:-4608}     # x 1,024 tokens ~ 4.7M tokens per update
+TRAIN_ITERS=${TRAIN_ITERS:-200000}
+WARMUP_ITERS=${WARMUP_ITERS:-3000}
+check_layout "$TP" "$MICRO_BATCH" "$GLOBAL_BATCH"
+need_int TRAIN_ITERS "$TRAIN_ITERS" 1; need_int WARMUP_ITERS "$WARMUP_ITERS" 0
+(( WARMUP_ITERS < TRAIN_ITERS )) || die "WARMUP_ITERS must be < TRAIN_ITERS"
+[[ -f "$TOKENIZER/tokenizer.json" ]] || die "no tokenizer.json in $TOKENIZER"
+
+# Table 1 mixture; PREFIX = tools/preprocess_data.py --output-prefix + _text_document.
+MIXTURE=(
+    0.03 "$DATA_DIR/baike_text_document"
+    0.57 "$DATA_DIR/cci3_hq_text_document"
+    0.10 "$DATA_DIR/cci4_fineweb_3_4_text_document"
+    0.10 "$DATA_DIR/cci4_fineweb_4_5_text_document"
+    0.20 "$DATA_DIR/cosmopedia_zh_text_document"
+)
+for (( i = 1; i < ${#MIXTURE[@]}; i += 2 )); do need_dataset "${MIXTURE[$i]}"; done
+
+MODEL_ARGS=(--preset large --attention-backend auto --bf16)
+PARALLEL_ARGS=(--tensor-model-parallel-size "$TP")
+(( TP > 1 )) && PARALLEL_ARGS+=(--sequence-parallel)
+DATA_ARGS=(
+    --tokenizer-model "$TOKENIZER" --data-path "${MIXTURE[@]}" --split 998,2,0
+    --seq-length 1024 --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
+    --masking word --mask-schedule dynamic --mask-rate-min 0.15 --mask-rate-max 0.30 --num-workers 2
+)
+OPTIMIZER_ARGS=(
+    --lr 8e-4 --lr-warmup-init 5e-5 --lr-warmup-iters "$WARMUP_ITERS" --min-lr 1e-5
+    --lr-decay-style damped_cosine --cycles "${CYCLES:-3}" --damping "${DAMPING:-0.5}"
+    --train-iters "$TRAIN_ITERS" --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
+)
+OUTPUT_ARGS=(
+    --save "$SAVE" --load "$SAVE" --save-interval 2000 --eval-interval 2000 --eval-iters 10
+    --log-interval 20 --metrics-file "$SAVE/metrics.jsonl" --tensorboard-dir "$SAVE/tensorboard" --seed 1234
+)
+
+exec ${DRY_RUN:+echo} torchrun "${DISTRIBUTED_ARGS[@]}" tools/pretrain.py \
+    "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${OPTIMIZER_ARGS[@]}" "${OUTPUT_ARGS[@]}"
