@@ -33,6 +33,19 @@ check_layout() {  # TP MICRO_BATCH GLOBAL_BATCH
          "$(( $3 / ($2 * dp) )) micro-batch(es) of $2 per rank per step"
 }
 
+# The paper's Table 1 mixture: weight, PREFIX (tools/preprocess_data.py --output-prefix + _text_document).
+table1_mixture() {  # DATA_DIR -> sets MIXTURE and checks that every dataset exists
+    MIXTURE=(
+        0.03 "$1/baike_text_document"
+        0.57 "$1/cci3_hq_text_document"
+        0.10 "$1/cci4_fineweb_3_4_text_document"
+        0.10 "$1/cci4_fineweb_4_5_text_document"
+        0.20 "$1/cosmopedia_zh_text_document"
+    )
+    local i
+    for (( i = 1; i < ${#MIXTURE[@]}; i += 2 )); do need_dataset "${MIXTURE[$i]}"; done
+}
+
 DISTRIBUTED_ARGS=(
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE"
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"

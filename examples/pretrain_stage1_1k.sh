@@ -24,15 +24,7 @@ need_int TRAIN_ITERS "$TRAIN_ITERS" 1; need_int WARMUP_ITERS "$WARMUP_ITERS" 0
 (( WARMUP_ITERS < TRAIN_ITERS )) || die "WARMUP_ITERS must be < TRAIN_ITERS"
 [[ -f "$TOKENIZER/tokenizer.json" ]] || die "no tokenizer.json in $TOKENIZER"
 
-# Table 1 mixture; PREFIX = tools/preprocess_data.py --output-prefix + _text_document.
-MIXTURE=(
-    0.03 "$DATA_DIR/baike_text_document"
-    0.57 "$DATA_DIR/cci3_hq_text_document"
-    0.10 "$DATA_DIR/cci4_fineweb_3_4_text_document"
-    0.10 "$DATA_DIR/cci4_fineweb_4_5_text_document"
-    0.20 "$DATA_DIR/cosmopedia_zh_text_document"
-)
-for (( i = 1; i < ${#MIXTURE[@]}; i += 2 )); do need_dataset "${MIXTURE[$i]}"; done
+table1_mixture "$DATA_DIR"
 
 MODEL_ARGS=(--preset large --attention-backend auto --bf16)
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP")

@@ -21,14 +21,7 @@ need_int TRAIN_ITERS "$TRAIN_ITERS" 2
 [[ -f "$STAGE1/latest_checkpointed_iteration.txt" ]] || die "no Stage I checkpoint in $STAGE1"
 [[ -f "$TOKENIZER/tokenizer.json" ]] || die "no tokenizer.json in $TOKENIZER"
 
-MIXTURE=(
-    0.03 "$DATA_DIR/baike_text_document"
-    0.57 "$DATA_DIR/cci3_hq_text_document"
-    0.10 "$DATA_DIR/cci4_fineweb_3_4_text_document"
-    0.10 "$DATA_DIR/cci4_fineweb_4_5_text_document"
-    0.20 "$DATA_DIR/cosmopedia_zh_text_document"
-)
-for (( i = 1; i < ${#MIXTURE[@]}; i += 2 )); do need_dataset "${MIXTURE[$i]}"; done
+table1_mixture "$DATA_DIR"
 
 if [[ -f "$SAVE/latest_checkpointed_iteration.txt" ]]; then
     LOAD_ARGS=(--load "$SAVE")                  # resume Stage II

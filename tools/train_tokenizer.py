@@ -22,10 +22,6 @@ from typing import Iterator, Optional
 from megatron_cmbert.data.jsonl import SkipCounter, expand_inputs, get_text, iter_records
 from megatron_cmbert.data.tokenizer import VOCAB_MULTIPLE, batched, save_tokenizer, train_bpe
 
-# The paper's large model (Sec. 3, Table 5): 28 layers x 1024 hidden, GeGLU FFN 2624.
-LARGE_LAYERS, LARGE_HIDDEN, LARGE_FFN = 28, 1024, 2624
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.gz files or globs")
@@ -55,16 +51,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def embedding_share(vocab_size: int, layers: int = LARGE_LAYERS, hidden: int = LARGE_HIDDEN,
-                    ffn: int = LARGE_FFN) -> tuple[int, float]:
-    """(parameters, embedding share) of the bias-free GeGLU encoder, MLM head excluded.
+def embedding_share(vocab_size: int) -> tuple[int, float]:
+    """(parameters, embedding share) of the paper's large model with this vocabulary, MLM head excluded
+    (the model package's own count, so the two can never disagree)."""
+    from megatron_cmbert.model.config import count_parameters, get_preset
 
-    Per layer: Wqkv 3H^2 + Wo H^2 + Wi 2HI + Wo IH + two norms (layer 0 has no attention norm);
-    plus embedding VH, embedding norm and final norm.
-    """
-    per_layer = 4 * hidden * hidden + 3 * hidden * ffn + 2 * hidden
-    total = vocab_size * hidden + layers * per_layer - hidden + 2 * hidden
-    return total, vocab_size * hidden / total
+    count = count_parameters(get_preset("large", vocab_size=vocab_size))
+    return count.parameters, count.embedding_share
 
 
 class CorpusSplit:
@@ -173,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"special ids [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4")
     print(f"held-out: {len(split.heldout):,} documents, {split.heldout_chars:,} chars, "
           f"{chars_per_token:.3f} chars/token")
-    print(f"large model ({LARGE_LAYERS} x {LARGE_HIDDEN}, FFN {LARGE_FFN}) with this vocabulary: "
+    print(f"large model (28 x 1024, FFN 2624) with this vocabulary: "
           f"{params / 1e6:.1f}M parameters, embedding share {100 * share:.1f}%")
     print(f"wrote {args.output_dir}/tokenizer.json")
     return info
