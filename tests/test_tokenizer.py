@@ -109,3 +109,27 @@ def test_train_tokenizer_tool(tmp_path, inews_train, capsys):
     tok = load_tokenizer(str(tmp_path / "tok"))
     assert tok.get_vocab_size() == 4096
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tokenizer-")]  # temp dir cleaned up
+
+
+def test_training_is_reproducible_with_a_limited_alphabet(tmp_path, inews_train):
+    """HF's own limit_alphabet breaks frequency ties in hash order; ours must give the same file twice."""
+    from tools import train_tokenizer
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in inews_train[:300]),
+                      encoding="utf-8")
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"tok{run}"
+        train_tokenizer.main(["--input", str(corpus), "--vocab-size", "4096", "--limit-alphabet", "1500",
+                              "--output-dir", str(out), "--quiet"])
+        outputs.append((out / "tokenizer.json").read_bytes())
+    assert outputs[0] == outputs[1]
+    tok = load_tokenizer(str(tmp_path / "tok0"))
+    vocab = tok.get_vocab()
+    singles = [t for t in vocab if len(t) == 1]
+    assert len(singles) == 1500  # exactly the chosen alphabet
+    text = "".join(inews_train[300:320])
+    rare = [c for c in set(unicodedata.normalize("NFKC", text)) if c not in vocab]
+    assert rare, "expected characters outside a 1,500-character alphabet"
+    assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == nfkc(text)

@@ -20,7 +20,7 @@ import time
 from typing import Iterator, Optional
 
 from megatron_cmbert.data.jsonl import SkipCounter, expand_inputs, get_text, iter_records
-from megatron_cmbert.data.tokenizer import VOCAB_MULTIPLE, batched, save_tokenizer, train_bpe
+from megatron_cmbert.data.tokenizer import VOCAB_MULTIPLE, batched, save_tokenizer, top_characters, train_bpe
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,8 +34,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-token-length", type=int, default=16,
                    help="longest token in characters; 0 = unlimited (default: 16)")
     p.add_argument("--limit-alphabet", type=int, default=0,
-                   help="keep only the N most frequent characters as base alphabet; rarer ones fall back "
-                        "to bytes; 0 = all (default: 0)")
+                   help="keep only the N most frequent characters as base alphabet (ties by code point, so "
+                        "runs agree); rarer ones fall back to bytes; 0 = all (default: 0)")
     p.add_argument("--heldout-every", type=int, default=100,
                    help="hold out every Nth document for the chars/token report (default: 100)")
     p.add_argument("--max-heldout-chars", type=int, default=2_000_000,
@@ -114,8 +114,11 @@ def _replace_dir(tmp_dir: str, output_dir: str) -> None:
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     paths = expand_inputs(args.input)
-    split = CorpusSplit(paths, args.json_key, args.heldout_every, args.max_heldout_chars,
-                        args.max_train_chars)
+    split_args = (paths, args.json_key, args.heldout_every, args.max_heldout_chars, args.max_train_chars)
+    alphabet = None
+    if args.limit_alphabet:  # one extra pass over the training text to count characters
+        alphabet = top_characters(CorpusSplit(*split_args).train_texts(), args.limit_alphabet)
+    split = CorpusSplit(*split_args)
     texts: Iterator[str] = split.train_texts()
     if args.train_on_words:
         texts = _words(texts, args.segmenter)
@@ -125,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         vocab_size=args.vocab_size,
         min_frequency=args.min_frequency,
         max_token_length=args.max_token_length or None,
-        limit_alphabet=args.limit_alphabet or None,
+        alphabet=alphabet,
         show_progress=not args.quiet and sys.stderr.isatty(),
     )
     seconds = time.time() - start

@@ -11,10 +11,12 @@ Design (paper Sec. 3.1, ../shared/DATA.md):
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
+import unicodedata
 import warnings
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -55,11 +57,12 @@ def train_bpe(
     vocab_size: int = 32000,
     min_frequency: int = 2,
     max_token_length: Optional[int] = 16,
-    limit_alphabet: Optional[int] = None,
+    alphabet: Optional[Sequence[str]] = None,
     show_progress: bool = True,
 ) -> Tokenizer:
     """Train the tokenizer on an iterator of texts; the result has exactly a multiple of 64 entries.
 
+    ``alphabet`` (from ``top_characters``) restricts the base characters; others fall back to bytes.
     ``vocab_size`` is rounded down to a multiple of 64 and includes the special and byte tokens. A
     corpus too small to reach it gives the largest multiple of 64 it supports (the last merges are
     dropped), or is padded with unreachable ``[unusedN]`` entries when even that is impossible.
@@ -69,7 +72,12 @@ def train_bpe(
     if target <= reserved + VOCAB_MULTIPLE:
         raise ValueError(f"vocab_size {vocab_size} too small: need more than {reserved + VOCAB_MULTIPLE}")
     tok = _configure(Tokenizer(models.BPE(unk_token="[UNK]", byte_fallback=True)))
-    options = {"max_token_length": max_token_length, "limit_alphabet": limit_alphabet}
+    # The trainer's own limit_alphabet breaks frequency ties in hash-map order, so two runs can keep
+    # different characters: the caller picks the alphabet deterministically (top_characters) instead.
+    # Forced characters outrank every counted one, so limiting to their number keeps exactly them.
+    options = {"max_token_length": max_token_length,
+               "initial_alphabet": list(alphabet) if alphabet is not None else None,
+               "limit_alphabet": len(alphabet) if alphabet is not None else None}
     trainer = trainers.BpeTrainer(
         vocab_size=target - len(BYTE_TOKENS),
         min_frequency=min_frequency,
@@ -83,10 +91,20 @@ def train_bpe(
         warnings.warn(
             f"the corpus has more distinct characters than vocab_size allows: the vocabulary has "
             f"{out.get_vocab_size()} entries (asked {target}) and learned no merges; pass "
-            f"limit_alphabet (--limit-alphabet) so that rare characters fall back to bytes",
+            f"an alphabet (--limit-alphabet) so that rare characters fall back to bytes",
             stacklevel=2,
         )
     return out
+
+
+def top_characters(texts: Iterable[str], n: int) -> list[str]:
+    """The ``n`` most frequent characters after NFKC, ties broken by code point, so the choice is the
+    same on every run."""
+    counts: collections.Counter = collections.Counter()
+    for text in texts:
+        counts.update(unicodedata.normalize("NFKC", text))
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))
+    return ranked[:n]
 
 
 def _with_byte_tokens_and_rounded_size(tok: Tokenizer) -> Tokenizer:
