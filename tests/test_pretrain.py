@@ -27,7 +27,7 @@ def setup(tmp_path_factory, tokenizer_dir, inews_dev):
     common = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir,
               "--data-path", str(root / "news_text_document"), "--split", "95,5,0",
               "--seq-length", "96", "--micro-batch-size", "2", "--global-batch-size", "8",
-              "--train-iters", "8", "--lr-warmup-iters", "2", "--lr", "2e-3", "--log-interval", "1",
+              "--train-iters", "20", "--lr-warmup-iters", "4", "--lr", "2e-3", "--log-interval", "1",
               "--seed", "7"]
     return root, common
 
@@ -58,7 +58,7 @@ def test_layouts_give_the_same_losses(setup, single):
     root, common = setup
     tp2, _ = run(common + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], root, "tp2", procs=2)
     dp2, _ = run(common, root, "dp2", procs=2)
-    assert [r["step"] for r in single] == list(range(1, 9))
+    assert [r["step"] for r in single] == list(range(1, 21))
     for other in (tp2, dp2):
         for a, b in zip(single, other):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)
@@ -67,34 +67,49 @@ def test_layouts_give_the_same_losses(setup, single):
     assert single[-1]["loss"] < single[0]["loss"]  # it learns
 
 
-def test_exact_resume_and_torn_save(setup, single):
+def same_steps(straight, resumed):
+    """Bit for bit, as if never stopped."""
+    keys = ("step", "loss", "grad_norm", "lr", "mask_rate", "accuracy")
+    assert [tuple(r[k] for k in keys) for r in resumed] == [tuple(r[k] for k in keys) for r in straight]
+
+
+def test_20_steps_equal_10_plus_resume_10(setup, single):
     root, common = setup
-    ckpt = root / "ckpt_resume"
-    save = ["--save", str(ckpt), "--save-interval", "2"]
-    # killed (SIGKILL) while writing the step-4 checkpoint: the step-2 checkpoint stays the latest
-    _, res = run(common + save, root, "killed", env_extra={"CMBERT_TEST_KILL_IN_SAVE": "4"}, expect_ok=False)
+    ckpt = root / "ckpt_plain"
+    first, _ = run(common + ["--save", str(ckpt), "--save-interval", "10", "--exit-interval", "10"], root, "first10")
+    second, res = run(common + ["--save", str(ckpt), "--load", str(ckpt)], root, "last10")
+    assert "at step 10" in res.stdout
+    same_steps(single, first + second)
+    assert (ckpt / "iter_0000020" / "tokenizer" / "tokenizer.json").is_file()
+    assert json.load(open(ckpt / "iter_0000020" / "config.json"))["model"]["num_layers"] >= 1
+
+
+def test_resume_after_a_kill_during_a_save(setup, single):
+    root, common = setup
+    ckpt = root / "ckpt_torn"
+    save = ["--save", str(ckpt), "--save-interval", "5"]
+    # killed (SIGKILL) while writing the step-10 checkpoint: the step-5 checkpoint stays the latest
+    _, res = run(common + save, root, "killed", env_extra={"CMBERT_TEST_KILL_IN_SAVE": "10"}, expect_ok=False)
     assert res.returncode != 0
-    assert (ckpt / "iter_0000004.tmp").is_dir() and not (ckpt / "iter_0000004").exists()
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (ckpt / "iter_0000010.tmp").is_dir() and not (ckpt / "iter_0000010").exists()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
     resumed, res = run(common + save + ["--load", str(ckpt)], root, "resumed")
-    assert "resumed from" in res.stdout and "at step 2" in res.stdout
-    assert [r["step"] for r in resumed] == list(range(3, 9))
-    for a, b in zip(single[2:], resumed):  # bit for bit, as if never stopped
-        assert (a["loss"], a["grad_norm"], a["lr"], a["mask_rate"]) == (b["loss"], b["grad_norm"], b["lr"], b["mask_rate"])
-    assert (ckpt / "iter_0000008" / "tokenizer" / "tokenizer.json").is_file()
-    assert json.load(open(ckpt / "iter_0000008" / "config.json"))["model"]["num_layers"] >= 1
+    assert "resumed from" in res.stdout and "at step 5" in res.stdout
+    same_steps(single[5:], resumed)
 
 
 def test_tp2_checkpoint_resumes_at_tp1(setup, single):
     root, common = setup
     ckpt = root / "ckpt_tp2"
-    run(common + ["--tensor-model-parallel-size", "2", "--save", str(ckpt), "--save-interval", "4",
-                  "--exit-interval", "4"], root, "tp2_first", procs=2)
+    run(common + ["--tensor-model-parallel-size", "2", "--save", str(ckpt), "--save-interval", "10",
+                  "--exit-interval", "10"], root, "tp2_first", procs=2)
     resumed, _ = run(common + ["--load", str(ckpt)], root, "tp1_resumed")
-    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
-    for a, b in zip(single[4:], resumed):
+    assert [r["step"] for r in resumed] == list(range(11, 21))
+    for a, b in zip(single[10:], resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-    finetuned, res = run(common + ["--load", str(ckpt), "--finetune", "--train-iters", "3"], root, "finetune")
+    # Stage II style: weights only, longer samples, a new schedule
+    finetuned, res = run(common + ["--load", str(ckpt), "--finetune", "--train-iters", "3", "--lr-warmup-iters", "1",
+                                   "--seq-length", "192", "--lr", "1e-4", "--min-lr", "5e-5"], root, "finetune")
     assert "--finetune" in res.stdout and [r["step"] for r in finetuned] == [1, 2, 3]
 
 
@@ -104,4 +119,4 @@ def test_non_finite_loss_stops_or_skips(setup):
     _, res = run(common + blowup, root, "nan_stop", expect_ok=False)
     assert res.returncode != 0 and "is not finite; stopping" in res.stdout + res.stderr
     records, _ = run(common + blowup + ["--skip-nan-steps"], root, "nan_skip")
-    assert len(records) == 8 and any(r["skipped"] for r in records)
+    assert len(records) == 20 and any(r["skipped"] for r in records)
