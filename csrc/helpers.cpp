@@ -4,9 +4,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -52,9 +54,91 @@ U8Array word_start_flags(const I64Array& token_starts, const I64Array& doc_token
     return out;
 }
 
+// Greedy sequential packing of documents into samples of at most seq_length tokens, each document
+// piece costing its length + 2 ([CLS], [SEP]); see pack_documents_python for the rules.
+// Returns (pieces int64 (n, 3): document, start, length; sample offsets int64 (m + 1)).
+py::tuple pack_documents(const I64Array& doc_lengths, const I64Array& order, int64_t seq_length,
+                         int64_t min_piece) {
+    constexpr int64_t kOverhead = 2;
+    const int64_t* lengths = doc_lengths.data();
+    const int64_t* ord = order.data();
+    const auto n_docs = doc_lengths.size();
+    const auto n_order = order.size();
+    std::vector<int64_t> pieces;
+    std::vector<int64_t> offsets{0};
+    {
+        py::gil_scoped_release release;
+        int64_t used = 0;
+        for (py::ssize_t k = 0; k < n_order; ++k) {
+            const int64_t doc = ord[k];
+            if (doc < 0 || doc >= n_docs) throw std::out_of_range("document index outside doc_lengths");
+            int64_t start = 0, remaining = lengths[doc];
+            while (remaining > 0) {
+                const int64_t space = seq_length - used - kOverhead;
+                if (used && space < std::min(min_piece, remaining)) {
+                    offsets.push_back(static_cast<int64_t>(pieces.size() / 3));
+                    used = 0;
+                    continue;
+                }
+                const int64_t take = std::min(remaining, space);
+                pieces.insert(pieces.end(), {doc, start, take});
+                used += take + kOverhead;
+                start += take;
+                remaining -= take;
+                if (seq_length - used - kOverhead <= 0) {
+                    offsets.push_back(static_cast<int64_t>(pieces.size() / 3));
+                    used = 0;
+                }
+            }
+        }
+        if (used) offsets.push_back(static_cast<int64_t>(pieces.size() / 3));
+    }
+    const auto n_pieces = static_cast<py::ssize_t>(pieces.size() / 3);
+    py::array_t<int64_t> out_pieces({n_pieces, static_cast<py::ssize_t>(3)});
+    std::copy(pieces.begin(), pieces.end(), out_pieces.mutable_data());
+    py::array_t<int64_t> out_offsets(static_cast<py::ssize_t>(offsets.size()));
+    std::copy(offsets.begin(), offsets.end(), out_offsets.mutable_data());
+    return py::make_tuple(out_pieces, out_offsets);
+}
+
+// Megatron's blending for global samples start .. start+n-1: sample i goes to the dataset d with the
+// largest w[d] * (i + 1) - counts[d] (first on ties). `counts` (samples given to each dataset before
+// `start`) is updated in place. Returns (dataset int16 (n), index within the dataset int64 (n)).
+py::tuple blend_block(const py::array_t<double, py::array::c_style | py::array::forcecast>& weights,
+                      py::array_t<int64_t, py::array::c_style>& counts, int64_t start, int64_t n) {
+    const auto n_sets = weights.size();
+    if (counts.size() != n_sets) throw std::invalid_argument("counts and weights differ in length");
+    if (n_sets < 1 || n_sets > 32767) throw std::invalid_argument("need 1 to 32767 datasets");
+    const double* w = weights.data();
+    int64_t* c = counts.mutable_data();
+    py::array_t<int16_t> dataset(static_cast<py::ssize_t>(n));
+    py::array_t<int64_t> within(static_cast<py::ssize_t>(n));
+    int16_t* ds = dataset.mutable_data();
+    int64_t* wi = within.mutable_data();
+    {
+        py::gil_scoped_release release;
+        for (int64_t k = 0; k < n; ++k) {
+            const double next = static_cast<double>(start + k + 1);
+            py::ssize_t best = 0;
+            double best_err = w[0] * next - static_cast<double>(c[0]);
+            for (py::ssize_t d = 1; d < n_sets; ++d) {
+                const double err = w[d] * next - static_cast<double>(c[d]);
+                if (err > best_err) { best_err = err; best = d; }
+            }
+            ds[k] = static_cast<int16_t>(best);
+            wi[k] = c[best]++;
+        }
+    }
+    return py::make_tuple(dataset, within);
+}
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "C++ helpers for megatron_cmbert (optional; numpy twins in megatron_cmbert.data.helpers)";
     m.def("word_start_flags", &word_start_flags, py::arg("token_starts"),
           py::arg("doc_token_offsets"), py::arg("char_is_start"),
           "uint8 flags: 1 where a token starts a whole-word unit");
+    m.def("pack_documents", &pack_documents, py::arg("doc_lengths"), py::arg("order"), py::arg("seq_length"),
+          py::arg("min_piece"), "(pieces, sample offsets) of greedy [CLS] piece [SEP] packing");
+    m.def("blend_block", &blend_block, py::arg("weights"), py::arg("counts"), py::arg("start"), py::arg("n"),
+          "(dataset, index within dataset) of samples start..start+n-1; updates counts in place");
 }

@@ -56,3 +56,30 @@ def test_cpp_and_numpy_agree_on_random_inputs():
         b = helpers._C.word_start_flags(starts, offsets, char_is_start)
         assert a.dtype == b.dtype == np.uint8
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not helpers.HAVE_CPP, reason="C++ extension megatron_cmbert._C not built (no compiler)")
+@pytest.mark.parametrize("seq_length,min_piece", [(20, 3), (64, 16), (1024, 16)])
+def test_cpp_and_python_packing_agree(seq_length, min_piece):
+    rng = np.random.default_rng(seq_length)
+    lengths = rng.integers(0, 3 * seq_length, size=500)
+    order = rng.permutation(500)
+    a = helpers.pack_documents_python(lengths, order, seq_length, min_piece)
+    b = helpers._C.pack_documents(lengths.astype(np.int64), order.astype(np.int64), seq_length, min_piece)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype == np.int64
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.skipif(not helpers.HAVE_CPP, reason="C++ extension megatron_cmbert._C not built (no compiler)")
+@pytest.mark.parametrize("weights", [[0.03, 0.57, 0.1, 0.1, 0.2], [1.0], [0.5, 0.5], [0.0, 0.3, 0.7]])
+def test_cpp_and_python_blending_agree_from_any_start(weights):
+    w = np.array(weights) / np.sum(weights)
+    counts_py = np.zeros(len(w), dtype=np.int64)
+    counts_cpp = counts_py.copy()
+    for start, n in ((0, 700), (700, 1), (701, 1300)):  # blocks continue where the last one stopped
+        a = helpers.blend_block_python(w, counts_py, start, n)
+        b = helpers._C.blend_block(w, counts_cpp, start, n)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(counts_py, counts_cpp)

@@ -61,3 +61,15 @@ def test_blend_rejects_bad_weights():
         blend_indices(np.array([0.0, 0.0]), 3)
     with pytest.raises(ValueError):
         blend_indices(np.array([0.5, -0.1]), 3)
+
+
+def test_lazy_blend_index_equals_the_full_computation():
+    from megatron_cmbert.data.packing import BlendIndex
+
+    weights = np.array([0.03, 0.57, 0.1, 0.1, 0.2])
+    dataset, within = blend_indices(weights, 5000)
+    lazy = BlendIndex(weights, 5000, block=256)  # many blocks, read out of order too
+    for i in list(range(4999, 4000, -7)) + list(range(0, 5000, 3)):
+        assert lazy[i] == (dataset[i], within[i])
+    with pytest.raises(IndexError):
+        lazy[5000]

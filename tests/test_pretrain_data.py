@@ -67,7 +67,7 @@ def test_samples_are_the_documents_packed(prefixes):
 def test_blend_split_and_determinism(prefixes):
     args = (["0.7", prefixes[0], "0.3", prefixes[1]], "90,10,0")
     train = PretrainSamples(*args, "train", 128, seed=5, num_samples=3000, masking=MASKING)
-    share = np.bincount(train.dataset_of, minlength=2) / len(train)
+    share = np.bincount([train.blend[i][0] for i in range(len(train))], minlength=2) / len(train)
     np.testing.assert_allclose(share, [0.7, 0.3], atol=0.02)
     again = PretrainSamples(*args, "train", 128, seed=5, num_samples=3000, masking=MASKING)
     for index in (0, 17, 2999):

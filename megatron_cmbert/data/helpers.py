@@ -51,3 +51,62 @@ def word_start_flags(
     if _C is not None:
         return _C.word_start_flags(token_starts, doc_token_offsets, char_is_start)
     return word_start_flags_numpy(token_starts, doc_token_offsets, char_is_start)
+
+
+def pack_documents_python(doc_lengths: np.ndarray, order: np.ndarray, seq_length: int,
+                          min_piece: int) -> tuple[np.ndarray, np.ndarray]:
+    """Python twin of ``_C.pack_documents`` (see data/packing.py for the rules)."""
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    pieces: list[tuple[int, int, int]] = []
+    offsets = [0]
+    used = 0  # tokens of the current sample, [CLS]/[SEP] included
+    for doc in np.asarray(order, dtype=np.int64).tolist():
+        start, remaining = 0, int(lengths[doc])
+        while remaining > 0:
+            space = seq_length - used - 2
+            if used and space < min(min_piece, remaining):
+                offsets.append(len(pieces))  # close the sample: what is left would be a sliver
+                used = 0
+                continue
+            take = min(remaining, space)
+            pieces.append((doc, start, take))
+            used += take + 2
+            start += take
+            remaining -= take
+            if seq_length - used - 2 <= 0:
+                offsets.append(len(pieces))
+                used = 0
+    if used:
+        offsets.append(len(pieces))
+    return np.array(pieces, dtype=np.int64).reshape(-1, 3), np.array(offsets, dtype=np.int64)
+
+
+def blend_block_python(weights: np.ndarray, counts: np.ndarray, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Python twin of ``_C.blend_block``: Megatron's greedy blending of samples start..start+n-1;
+    ``counts`` (int64, samples per dataset before ``start``) is updated in place."""
+    w = np.ascontiguousarray(weights, dtype=np.float64)
+    dataset = np.empty(n, dtype=np.int16)
+    within = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        d = int(np.argmax(w * (start + k + 1) - counts))
+        dataset[k], within[k] = d, counts[d]
+        counts[d] += 1
+    return dataset, within
+
+
+def pack_documents(doc_lengths: np.ndarray, order: np.ndarray, seq_length: int,
+                   min_piece: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dispatch to the C++ helper when built, else the Python twin (same output)."""
+    if _C is not None:
+        return _C.pack_documents(np.ascontiguousarray(doc_lengths, dtype=np.int64),
+                                 np.ascontiguousarray(order, dtype=np.int64), int(seq_length), int(min_piece))
+    return pack_documents_python(doc_lengths, order, seq_length, min_piece)
+
+
+def blend_block(weights: np.ndarray, counts: np.ndarray, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dispatch to the C++ helper when built, else the Python twin (same output)."""
+    if counts.dtype != np.int64 or not counts.flags.c_contiguous:
+        raise ValueError("counts must be a contiguous int64 array (it is updated in place)")
+    if _C is not None:
+        return _C.blend_block(np.ascontiguousarray(weights, dtype=np.float64), counts, int(start), int(n))
+    return blend_block_python(weights, counts, start, n)

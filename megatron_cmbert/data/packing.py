@@ -6,10 +6,13 @@ unpadded: each holds up to ``seq_length`` tokens made of one or more document pi
 wrapped in [CLS] ... [SEP]; the model sees them as separate sequences (``cu_seqlens``).
 A document longer than the space left is split: the first part fills the sample, the rest starts
 the next one. No piece is shorter than ``min_piece`` tokens unless its whole document is.
+The loops run in C++ (csrc/helpers.cpp) with Python twins in data/helpers.py.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from megatron_cmbert.data import helpers
 
 PIECE_OVERHEAD = 2  # [CLS] and [SEP]
 
@@ -23,29 +26,14 @@ def pack_documents(doc_lengths: np.ndarray, seq_length: int, order: np.ndarray,
     """
     if seq_length <= PIECE_OVERHEAD + min_piece:
         raise ValueError(f"seq_length {seq_length} leaves no room for a piece of {min_piece} tokens")
-    lengths = np.asarray(doc_lengths, dtype=np.int64)
-    pieces: list[tuple[int, int, int]] = []
-    offsets = [0]
-    used = 0  # tokens of the current sample, overhead included
-    for doc in np.asarray(order, dtype=np.int64).tolist():
-        start, remaining = 0, int(lengths[doc])
-        while remaining > 0:
-            space = seq_length - used - PIECE_OVERHEAD
-            if used and space < min(min_piece, remaining):
-                offsets.append(len(pieces))  # close the sample: what is left would be a sliver
-                used = 0
-                continue
-            take = min(remaining, space)
-            pieces.append((doc, start, take))
-            used += take + PIECE_OVERHEAD
-            start += take
-            remaining -= take
-            if seq_length - used - PIECE_OVERHEAD <= 0:
-                offsets.append(len(pieces))
-                used = 0
-    if used:
-        offsets.append(len(pieces))
-    return np.array(pieces, dtype=np.int64).reshape(-1, 3), np.array(offsets, dtype=np.int64)
+    return helpers.pack_documents(doc_lengths, order, seq_length, min_piece)
+
+
+def _normalised(weights) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0 or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be a non-empty list of non-negative numbers with a positive sum")
+    return w / w.sum()
 
 
 def blend_indices(weights: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,15 +42,40 @@ def blend_indices(weights: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.n
     Returns (dataset index, sample index within that dataset) for each of ``n_samples``; the
     realised share of dataset d after n samples differs from ``weights[d] * n`` by less than one.
     """
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or w.size == 0 or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights must be a non-empty list of non-negative numbers with a positive sum")
-    w = w / w.sum()
-    dataset = np.empty(n_samples, dtype=np.int16)
-    within = np.empty(n_samples, dtype=np.int64)
-    counts = np.zeros(w.size, dtype=np.int64)
-    for i in range(n_samples):
-        d = int(np.argmax(w * (i + 1) - counts))
-        dataset[i], within[i] = d, counts[d]
-        counts[d] += 1
-    return dataset, within
+    return helpers.blend_block(_normalised(weights), np.zeros(len(weights), dtype=np.int64), 0, n_samples)
+
+
+class BlendIndex:
+    """``blend_indices`` computed lazily in blocks, so a run of a billion samples holds one block.
+
+    Sample i -> (dataset, index within it). Blocks are computed in order from the per-dataset counts
+    at each block start (kept: a few integers per block); the current block's arrays are cached, and
+    training reads samples in order, so each block is computed about once.
+    """
+
+    def __init__(self, weights, n_samples: int, block: int = 1 << 20):
+        self.weights, self.n, self.block = _normalised(weights), int(n_samples), int(block)
+        self._starts = [np.zeros(self.weights.size, dtype=np.int64)]  # counts before block b
+        self._cached: tuple[int, np.ndarray, np.ndarray] = (-1, np.empty(0), np.empty(0))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cached[0] == b:
+            return self._cached[1], self._cached[2]
+        while len(self._starts) <= b:  # counts at later block starts, by running the earlier blocks
+            k = len(self._starts) - 1
+            counts = self._starts[k].copy()
+            helpers.blend_block(self.weights, counts, k * self.block, self.block)
+            self._starts.append(counts)
+        lo = b * self.block
+        dataset, within = helpers.blend_block(self.weights, self._starts[b].copy(), lo, min(self.block, self.n - lo))
+        self._cached = (b, dataset, within)
+        return dataset, within
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.n:
+            raise IndexError(f"sample {i} outside 0..{self.n - 1}")
+        dataset, within = self._block(i // self.block)
+        return int(dataset[i % self.block]), int(within[i % self.block])

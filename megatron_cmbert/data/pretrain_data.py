@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from megatron_cmbert.data.masking import MaskingConfig, mask_tokens, sample_rng
-from megatron_cmbert.data.packing import blend_indices, pack_documents
+from megatron_cmbert.data.packing import BlendIndex, pack_documents
 from megatron_cmbert.data.tokenizer import CLS_ID, SEP_ID
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -142,14 +142,15 @@ class PretrainSamples:
         if not parts:
             raise ValueError(f"no documents in the {which} split of {', '.join(prefixes)} (--split {split})")
         self.parts, self.weights = parts, np.array(kept, dtype=np.float64)
-        self.dataset_of, self.index_in = blend_indices(self.weights, num_samples)
+        self.blend = BlendIndex(self.weights, num_samples)
 
     def __len__(self) -> int:
-        return len(self.dataset_of)
+        return len(self.blend)
 
     def sample(self, index: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(inputs, labels, tokens, sequence lengths) of global sample ``index`` masked at ``rate``."""
-        tokens, flags, lens = self.parts[self.dataset_of[index]].sample(int(self.index_in[index]))
+        dataset, within = self.blend[index]
+        tokens, flags, lens = self.parts[dataset].sample(within)
         inputs, labels = mask_tokens(tokens, flags, rate, sample_rng(self.seed, index), self.masking)
         return inputs, labels, tokens, lens
 
