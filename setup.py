@@ -40,7 +40,7 @@ setup(
         "numpy",
         "rjieba>=0.2",
         "jieba>=0.42",
-        "psutil",
+        "psutil",  # megatron-core's dist_checkpointing writer dies without it (and the save hangs)
         "tqdm",
     ],
     extras_require={

@@ -16,7 +16,7 @@ TOKENIZER=${TOKENIZER:?set TOKENIZER to the tokenizer directory}
 SAVE=${SAVE:?set SAVE to the checkpoint directory}
 TP=${TP:-1}                            # 1 fits the 377M model on one H100; 2 halves activations
 MICRO_BATCH=${MICRO_BATCH:-16}
-GLOBAL_BATCH=${GLOBAL_BATCH:-4608}     # x 1,024 tokens ~ 4.7M tokens per update
+GLOBAL_BATCH=${GLOBAL_BATCH:-4096}     # x 1,024 tokens = 4.2M tokens per update; divides 16 nodes x 8 GPUs
 TRAIN_ITERS=${TRAIN_ITERS:-200000}
 WARMUP_ITERS=${WARMUP_ITERS:-3000}
 check_layout "$TP" "$MICRO_BATCH" "$GLOBAL_BATCH"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage II: context 1,024 -> 8,192 from the Stage I checkpoint (weights only), a smaller batch so tokens
-# per update stay ~4.7M, and the paper's lower LR 1e-4 -> 5e-5.
+# per update stay at 4.2M, and the paper's lower LR 1e-4 -> 5e-5.
 #
 #   NNODES=16 NODE_RANK=$i MASTER_ADDR=host0 DATA_DIR=/data/cmbert TOKENIZER=/data/cmbert/tok32k \
 #   STAGE1=/ckpt/stage1 SAVE=/ckpt/stage2 bash examples/pretrain_stage2_8k.sh
@@ -14,7 +14,7 @@ DATA_DIR=${DATA_DIR:?set DATA_DIR}; TOKENIZER=${TOKENIZER:?set TOKENIZER}
 STAGE1=${STAGE1:?set STAGE1 to the Stage I checkpoint directory}; SAVE=${SAVE:?set SAVE}
 TP=${TP:-2}                          # 8k-token samples: shard activations
 MICRO_BATCH=${MICRO_BATCH:-2}
-GLOBAL_BATCH=${GLOBAL_BATCH:-576}    # x 8,192 tokens ~ 4.7M tokens per update, as Stage I
+GLOBAL_BATCH=${GLOBAL_BATCH:-512}    # x 8,192 tokens = 4.2M tokens per update, as Stage I
 TRAIN_ITERS=${TRAIN_ITERS:-20000}
 check_layout "$TP" "$MICRO_BATCH" "$GLOBAL_BATCH"
 need_int TRAIN_ITERS "$TRAIN_ITERS" 2

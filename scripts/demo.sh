@@ -46,3 +46,4 @@ rows = [json.loads(line) for line in open(sys.argv[1]) if '"loss"' in line]
 print(f"\nloss at step {rows[0]['step']}: {rows[0]['loss']:.3f} -> step {rows[-1]['step']}: {rows[-1]['loss']:.3f}"
       f" (masked-token accuracy {rows[-1]['accuracy']:.3f})")
 PY
+echo "demo finished in ${SECONDS} s (setup included)"

@@ -25,7 +25,7 @@ def fake_cluster(tmp_path):
     stage1 = tmp_path / "stage1"
     stage1.mkdir()
     (stage1 / "latest_checkpointed_iteration.txt").write_text("10\n")
-    return dict(os.environ, DRY_RUN="1", NNODES="2", NODE_RANK="1", GPUS_PER_NODE="8", MASTER_ADDR="node0",
+    return dict(os.environ, DRY_RUN="1", NNODES="16", NODE_RANK="1", GPUS_PER_NODE="8", MASTER_ADDR="node0",
                 DATA_DIR=str(data), TOKENIZER=str(tok), SAVE=str(tmp_path / "save"), STAGE1=str(stage1))
 
 
@@ -39,14 +39,14 @@ def test_scripts_build_a_valid_pretrain_command(fake_cluster, script, seq, tp):
     res = launch(script, fake_cluster)
     assert res.returncode == 0, res.stderr
     words = shlex.split(res.stdout.strip().splitlines()[-1])
-    assert words[0] == "torchrun" and words[words.index("--nnodes") + 1] == "2"
+    assert words[0] == "torchrun" and words[words.index("--nnodes") + 1] == "16"
     assert words[words.index("--node_rank") + 1] == "1"
     args = pretrain.parse_args(words[words.index("tools/pretrain.py") + 1:])
     assert args.seq_length == seq and args.tensor_model_parallel_size == tp and args.preset == "large"
-    dp = 16 // tp
+    dp = 16 * 8 // tp
     assert args.global_batch_size % (args.micro_batch_size * dp) == 0
     # tokens per update stay about constant between the stages (paper Sec. 3.4)
-    assert 4.5e6 < args.global_batch_size * seq < 4.9e6
+    assert args.global_batch_size * seq == 4096 * 1024
     weights = [float(w) for w in args.data_path[0::2]]
     assert weights == [0.03, 0.57, 0.10, 0.10, 0.20]  # paper Table 1
     if script.startswith("pretrain_stage2"):
@@ -56,7 +56,7 @@ def test_scripts_build_a_valid_pretrain_command(fake_cluster, script, seq, tp):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"NODE_RANK": "2"}, "NODE_RANK 2 must be < NNODES 2"),
+    ({"NODE_RANK": "16"}, "NODE_RANK 16 must be < NNODES 16"),
     ({"GPUS_PER_NODE": "eight"}, "GPUS_PER_NODE must be a whole number"),
     ({"GLOBAL_BATCH": "100"}, "must be a multiple of MICRO_BATCH"),
     ({"TP": "3"}, "TP 3 must divide GPUS_PER_NODE 8"),

@@ -60,6 +60,7 @@ def test_layouts_give_the_same_losses(setup, single):
     dp2, _ = run(common, root, "dp2", procs=2)
     assert [r["step"] for r in single] == list(range(1, 21))
     for other in (tp2, dp2):
+        assert len(other) == len(single)
         for a, b in zip(single, other):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

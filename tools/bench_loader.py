@@ -90,6 +90,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             loader = tokens / (time.perf_counter() - start)
             # Baseline: the same number of tokens read straight from the mmap, document by document.
             start, read, doc = time.perf_counter(), 0, 0
+            if data.lengths.sum() == 0:
+                raise SystemExit(f"error: {prefix} holds no tokens")
             while read < tokens:
                 read += np.asarray(data.tokens[doc % len(data.lengths)], dtype=np.int64).size
                 doc += 1

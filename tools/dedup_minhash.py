@@ -7,7 +7,7 @@ line byte-for-byte to ``OUTDIR/<name>.jsonl``. Lines that cannot be read as a do
 missing key, ...) are passed through unchanged and counted: dedup is not a quality filter.
 
 Example:
-    python tools/dedup_minhash.py wiki.jsonl.gz news/*.jsonl -o dedup/ --threshold 0.8 --workers 4
+    python tools/dedup_minhash.py --input wiki.jsonl.gz news/*.jsonl -o dedup/ --threshold 0.8 --workers 4
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 # then the benchmark on the model's shapes, table last. Run from the repo root on the device machine:
 #     bash tools/gpu_check.sh          # outputs also under $OUT when set
 # Expected wall time on one H100: ~1 min Triton compiles + ~2 min tests + ~3 min benchmark (< 8 min).
-# Needs torch + triton (the device image has both); megatron-core is not needed by these tests.
+# Needs torch, triton, pytest and pytest-timeout (the device image has all four); not megatron-core.
 set -uo pipefail
 OUT_DIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT_DIR"

@@ -38,6 +38,8 @@ class DocumentEncoder:
         self.segmenter = Segmenter(segmenter, user_dict=user_dict)
 
     def encode(self, texts: Sequence[str]) -> EncodedChunk:
+        if not texts:
+            return EncodedChunk(np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int32), 0)
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int32, count=len(encodings))
         total = int(lengths.sum())

@@ -5,7 +5,8 @@ only on (seed, sample index): a resumed run or another rank rebuilds the same in
 unpadded: each holds up to ``seq_length`` tokens made of one or more document pieces, each piece
 wrapped in [CLS] ... [SEP]; the model sees them as separate sequences (``cu_seqlens``).
 A document longer than the space left is split: the first part fills the sample, the rest starts
-the next one. No piece is shorter than ``min_piece`` tokens unless its whole document is.
+the next one. No piece is shorter than ``min_piece`` tokens unless it is a whole document or the tail
+of one.
 The loops run in C++ (csrc/helpers.cpp) with Python twins in data/helpers.py.
 """
 from __future__ import annotations

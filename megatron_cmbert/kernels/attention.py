@@ -6,9 +6,8 @@ q, k, v are packed: (total_tokens, heads, head_dim); sequence b owns tokens cu_s
 Query i sees key j of the same sequence when i - left <= j <= i + right; window (-1, -1) is global.
 
 Backends: `reference` (pure PyTorch, CPU and GPU), `flex` (FlexAttention, GPU), `flash_attn` (when the
-package is installed), `triton` (slot filled by the kernels issue: module kernels/attention_triton.py with a
-function `attention_triton`; also runs on CPU tensors under Triton's interpreter when TRITON_INTERPRET=1,
-but `auto` never picks it there). `auto` picks the fastest available one for the tensor's device and logs the
+package is installed), `triton` (kernels/attention_triton.py; also runs on CPU tensors under Triton's
+interpreter when TRITON_INTERPRET=1; `auto` never picks it on CPU, nor on GPU until AUTO_PICKS_TRITON). `auto` picks the fastest available one for the tensor's device and logs the
 choice once. The backend comes from the `backend` argument, else the CMBERT_ATTN_BACKEND environment
 variable, else CMBERT_KERNEL_BACKEND when it names an attention backend (one switch for all kernels, see
 kernels/dispatch.py), else `auto`. Nothing is imported or chosen at import time.

@@ -28,7 +28,7 @@ _OPS = {
     "rms_norm": ("megatron_cmbert.kernels.rms_norm_triton", "rms_norm_reference", "rms_norm_triton"),
 }
 # Attention backend names that may come through CMBERT_KERNEL_BACKEND; the other ops run them as `auto`.
-_ATTENTION_ONLY = ("flex", "flash_attn", "te")
+_ATTENTION_ONLY = ("flex", "flash_attn")
 _auto_choice: dict[tuple[str, str, torch.dtype], str] = {}
 
 

@@ -5,7 +5,7 @@ Key names are the same as HF's except `decoder_bias` -> `decoder.bias`; two weig
   mlp.Wi:    ours per channel [input_c; gate_c]   <-> HF [all inputs; all gates] (inputs go through GELU)
 and our vocabulary padding rows are dropped (to_hf) or zero-filled (from_hf). HF's `decoder.weight` is tied
 to `model.embeddings.tok_embeddings.weight` and is not written.
-See ../shared/SPEC-MODERNBERT.md; tools/convert_to_hf.py reuses this module.
+See ../shared/SPEC-MODERNBERT.md; the coming HF converter reuses this module.
 """
 from __future__ import annotations
 

@@ -75,7 +75,9 @@ def sharded_state_dict(model, optimizer, ranks: Ranks, train_state: Optional[dic
                     state[f"optimizer.{names[p]}.{key}"] = _sharded(f"optimizer.{names[p]}.{key}", s[key], p, ranks)
                 steps[names[p]] = s["step"]
         state["optimizer_steps"] = steps  # common (rank 0) state: identical on every rank
-    # RNG states per rank (restored when the world size is unchanged; the data path itself needs none).
+    # RNG states per rank, restored when the world size is unchanged. Today nothing draws from them after
+    # initialisation (no dropout; masks use per-sample generators); kept so that adding dropout cannot
+    # silently break exact resume.
     rng = {"torch": torch.get_rng_state()}
     state["rng"] = ShardedObject("rng", rng, (ranks.world,), (ranks.rank,), replica_id=0)
     state["world_size"] = ranks.world
@@ -113,9 +115,12 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, tr
             shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
     _barrier()
     if ranks.rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        old = final + ".old"
+        if os.path.exists(final):  # set aside, not deleted, until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         marker = os.path.join(save_dir, LATEST)
         with open(marker + ".tmp", "w") as fh:
             fh.write(f"{step}\n")

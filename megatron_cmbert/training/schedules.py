@@ -63,7 +63,7 @@ class ScheduleConfig:
     mask_rate: float = 0.3
     """Masking rate of the constant schedule (ModernBERT's fixed 30%)."""
     mask_rate_min: float = 0.15
-    """Dynamic schedule: rate at step 0 and at the end of training."""
+    """Dynamic schedule: rate at step 0 (when there is a warmup) and at the end of training."""
     mask_rate_max: float = 0.30
     """Dynamic schedule: rate at the end of the warmup."""
 

@@ -136,6 +136,7 @@ class Trainer:
         self.schedule = ScheduleConfig.from_args(args)
         self.step = 0
         self.consumed_samples = 0
+        self.saved_step = None  # the step of the checkpoint on disk that this run wrote or loaded
         self.logger = Logger(self.ranks.rank, args.metrics_file, args.tensorboard_dir)
         self._load()
         vocab = load_tokenizer(args.tokenizer_model).get_vocab_size()
@@ -170,6 +171,10 @@ class Trainer:
             self._print(f"loaded weights from {path} (--finetune: step, optimizer and data restart)")
             return
         self.step, self.consumed_samples = state["step"], state["consumed_samples"]
+        if self.args.save and os.path.abspath(self.args.save) == os.path.abspath(self.args.load):
+            self.saved_step = self.step
+        if self.step > self.args.train_iters:
+            raise SystemExit(f"error: {path} is at step {self.step}, beyond --train-iters {self.args.train_iters}")
         if state.get("global_batch_size") != self.args.global_batch_size:
             raise SystemExit(f"error: {path} was trained with --global-batch-size {state.get('global_batch_size')}; "
                              f"resuming needs the same value (or --finetune to start a new stage)")
@@ -182,6 +187,7 @@ class Trainer:
                                                                       if isinstance(v, (int, float, str, bool, list, type(None)))}}
         path = save_checkpoint(self.args.save, self.step, self.model, self.optimizer, self.ranks, state,
                                extra_files={"config.json": config}, tokenizer_dir=self.args.tokenizer_model)
+        self.saved_step = self.step
         self._print(f"saved checkpoint {path}")
 
     # -- one step ----------------------------------------------------------------------------------
@@ -310,18 +316,18 @@ class Trainer:
                     record["mfu"] = flops / (H100_BF16_PEAK * self.ranks.world)
                 self.logger.log(record, self._format(record))
                 tokens_since, time_since = 0, time.perf_counter()
+            paused = time.perf_counter()  # tokens/s counts training time only, not eval or saves
             if args.eval_interval and self.step % args.eval_interval == 0:
                 val = self.evaluate()
                 if val is not None:
                     self.logger.log({"step": self.step, "valid_loss": val}, f"step {self.step:>7d} | valid loss {val:.4f}")
             if args.save and args.save_interval and self.step % args.save_interval == 0:
                 self.save()
-            if args.eval_interval or args.save_interval:
-                time_since = time.perf_counter()  # tokens/s counts training only
+            time_since += time.perf_counter() - paused
             if args.exit_interval and self.step % args.exit_interval == 0:
                 self._print(f"exiting after step {self.step} (--exit-interval {args.exit_interval})")
                 break
-        if args.save and (not args.save_interval or self.step % args.save_interval):
+        if args.save and self.step != self.saved_step:
             self.save()
         self.logger.close()
         return history
