@@ -1,4 +1,5 @@
-"""Training pieces that do not depend on the model: the optimizer and the schedules.
+"""Training: the optimizer and schedules (model-independent, exported here), plus checkpoint.py (atomic
+dist_checkpointing save/load) and trainer.py (the TP x DP loop), imported where used.
 
 optimizer.py   StableAdamW (TP-aware update clipping), param_groups (no decay on norms, biases,
                embeddings), clip_grad_norm (global grad norm across TP)
