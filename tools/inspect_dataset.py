@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -43,19 +42,17 @@ def token_strings(tokenizer, ids: np.ndarray) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    with warnings.catch_warnings():  # megatron-core warns about optional TE/apex at import
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    from megatron_cmbert.data.pretrain_data import TokenDataset
     from megatron_cmbert.data.tokenizer import load_tokenizer
 
     for suffix in ("", "_wordstart"):
         if not os.path.exists(args.data_prefix + suffix + ".idx"):
             raise SystemExit(f"error: {args.data_prefix + suffix}.idx not found (a finished build writes it last)")
-    tokens = IndexedDataset(args.data_prefix)
-    flags = IndexedDataset(args.data_prefix + "_wordstart")
-    if not np.array_equal(tokens.sequence_lengths, flags.sequence_lengths):
-        raise SystemExit("error: token and word-start datasets have different sequence lengths")
+    try:
+        data = TokenDataset(args.data_prefix)  # checks that the two datasets line up
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    tokens, flags = data.tokens, data.word_starts
     tokenizer = load_tokenizer(args.tokenizer_model)
     n_tokens = int(tokens.sequence_lengths.sum())
     n_units = int(sum(int(flags[i].sum()) for i in range(len(flags))))

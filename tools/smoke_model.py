@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     from megatron_cmbert.model.padding import pack_sequences
     from megatron_cmbert.parallel.layer_spec import build_masked_lm
     from megatron_cmbert.parallel.sharding import allreduce_sequence_parallel_grads
+    from megatron_cmbert.training.optimizer import clip_grad_norm
 
     overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("normalization", args.normalization))
                  if v is not None}
@@ -86,14 +87,10 @@ def main(argv=None) -> int:
         allreduce_sequence_parallel_grads(model)
     done = time.perf_counter()
 
-    squares = torch.zeros((), device=device)
-    replicated = torch.zeros((), device=device)
-    for p in model.parameters():
-        target = squares if getattr(p, "tensor_model_parallel", False) else replicated
-        target += p.grad.float().pow(2).sum()
-    if distributed:  # split grads: sum over TP ranks; replicated ones count once
-        torch.distributed.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
-    grad_norm = (squares + replicated).sqrt().item()
+    # Global grad norm, TP-split grads summed over ranks and replicated ones counted once; an infinite
+    # max_norm only measures.
+    tp_group = parallel_state.get_tensor_model_parallel_group() if distributed and tp > 1 else None
+    grad_norm = clip_grad_norm(model.parameters(), float("inf"), tp_group).item()
     if not (torch.isfinite(out.loss) and grad_norm == grad_norm and grad_norm > 0):
         raise SystemExit(f"bad step: loss {out.loss.item()}, grad norm {grad_norm}")
     if rank == 0:
