@@ -54,11 +54,13 @@ def single(setup):
     return run(common, root, "single")[0]
 
 
-def test_layouts_give_the_same_losses(setup, single):
+def test_layouts_and_loader_workers_give_the_same_losses(setup, single):
     root, common = setup
     tp2, _ = run(common + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], root, "tp2", procs=2)
     dp2, _ = run(common, root, "dp2", procs=2)
+    workers, _ = run(common + ["--num-workers", "2"], root, "workers")  # loader processes change nothing
     assert [r["step"] for r in single] == list(range(1, 21))
+    assert [(r["loss"], r["grad_norm"]) for r in workers] == [(r["loss"], r["grad_norm"]) for r in single]
     for other in (tp2, dp2):
         assert len(other) == len(single)
         for a, b in zip(single, other):
