@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -56,3 +58,24 @@ def tokenizer_dir(tmp_path_factory, inews_train):
     out = tmp_path_factory.mktemp("tokenizer")
     save_tokenizer(train_bpe(inews_train[:2000], vocab_size=8192, show_progress=False), str(out))
     return str(out)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_TIMEOUT_S = 200  # a dead rank hangs its peer: never wait forever
+
+
+@pytest.fixture
+def torchrun():
+    """Run REPO/script on 2 CPU ranks (gloo) with a timeout; returns its stdout, fails with its output."""
+    def launch(script, *args, timeout=LAUNCH_TIMEOUT_S):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   os.path.join(REPO, script), *args]
+        try:
+            result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                                    timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            pytest.fail(f"{script} did not finish in {timeout}s:\n{error.stdout}\n{error.stderr}")
+        assert result.returncode == 0, f"{script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        return result.stdout
+    return launch

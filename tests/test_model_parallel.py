@@ -1,33 +1,15 @@
 """Tensor parallelism on 2 CPU processes (gloo): one torchrun launch for all TP=2 vs single-device checks
 (tests/dist/tp_equivalence.py), one for the documented smoke command (tools/smoke_model.py)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-LAUNCH_TIMEOUT_S = 200  # a dead rank hangs its peer: never wait forever
-
-
-def torchrun(script, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / script), *args]
-    try:
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{script} did not finish in {LAUNCH_TIMEOUT_S}s:\n{error.stdout}\n{error.stderr}")
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    return result.stdout
+LAUNCH_TIMEOUT_S = 200  # as conftest.torchrun
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
-def test_tp2_equals_single_device_logits_loss_and_every_grad():
+def test_tp2_equals_single_device_logits_loss_and_every_grad(torchrun):
     out = torchrun("tests/dist/tp_equivalence.py")
     # RMSNorm and LayerNorm, each without and with sequence parallelism
     assert out.count(" ok: ") == 4, out
@@ -36,7 +18,7 @@ def test_tp2_equals_single_device_logits_loss_and_every_grad():
 
 @pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
-def test_documented_smoke_command_runs_forward_and_backward_at_tp2(capsys, monkeypatch):
+def test_documented_smoke_command_runs_forward_and_backward_at_tp2(torchrun, capsys, monkeypatch):
     out = torchrun("tools/smoke_model.py", "--preset", "tiny", "--tensor-model-parallel-size", "2",
                    "--sequence-parallel")
     report = json.loads([line for line in out.splitlines() if line.startswith("{")][0])

@@ -3,10 +3,8 @@ clipping is idle, optimi.StableAdamW (the oracle of ../shared/NOTES-TRAINING.md)
 rule; clip_grad_norm against torch; and TP=2 vs TP=1 on 2 processes (tests/dist/tp_optimizer_check.py)."""
 import io
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ from torch import nn
 
 from megatron_cmbert.training import StableAdamW, clip_grad_norm, param_groups
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(5, 7), (13,), (3, 4, 2)]  # odd sizes, one 1-D "bias-like" tensor
 
 
@@ -263,15 +260,7 @@ LAUNCH_TIMEOUT_S = 120  # a dead rank hangs its peer: never wait forever (the sc
 
 @pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
-def test_tp2_stableadamw_and_grad_clip_equal_single_process():
+def test_tp2_stableadamw_and_grad_clip_equal_single_process(torchrun):
     pytest.importorskip("megatron.core", reason="the TP=2 check needs megatron-core")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests/dist/tp_optimizer_check.py")]
-    try:
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"tp_optimizer_check.py did not finish in {LAUNCH_TIMEOUT_S}s:\n{error.stdout}\n{error.stderr}")
-    assert result.returncode == 0, f"failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    assert "TP-OPTIMIZER OK" in result.stdout, result.stdout
+    out = torchrun("tests/dist/tp_optimizer_check.py", timeout=LAUNCH_TIMEOUT_S)
+    assert "TP-OPTIMIZER OK" in out, out
