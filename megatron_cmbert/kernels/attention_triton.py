@@ -21,10 +21,12 @@ import triton
 import triton.language as tl
 
 from megatron_cmbert.kernels.triton_common import cast
-from megatron_cmbert.kernels.triton_utils import launcher, next_power_of_2
+from megatron_cmbert.kernels.triton_utils import gpu_path, launcher, next_power_of_2
 
 LOG2E = 1.4426950408889634
-MASKED = -1.0e30  # finite "minus infinity": a fully masked block then gives exp2(0) terms, later rescaled by 0
+# Finite "minus infinity": a fully masked block then gives exp2(0) terms, later rescaled by 0. A constexpr,
+# because compiled kernels may only read constexpr globals (the interpreter reads any).
+MASKED = tl.constexpr(-1.0e30)
 
 
 # ---- kernels ------------------------------------------------------------------------------------------
@@ -284,15 +286,19 @@ def _config(q: torch.Tensor, kind: str) -> dict:
     Under the interpreter, blocks are small and unequal so that the tests reach every stage and the
     BLOCK_M != BLOCK_N paths on short sequences. On GPU: the FlashAttention-2 Triton tutorial's H100 shapes
     (forward 128 x 64; backward dK/dV 128 keys x 32 queries, dQ 128 queries x 32 keys), halved for fp32
-    operands and for head_dim 128, which would otherwise exceed registers / shared memory."""
-    if not q.is_cuda:
+    operands and for head_dim 128, which would otherwise exceed registers / shared memory. Warps: with 4,
+    ptxas (tools/compile_kernels.py, sm_90a) spills 352 B in the bf16 d=64 dK/dV kernel at 255 registers and
+    2 KB in the fp32 forward; 8 warps spill nothing at the same warps per SM."""
+    if not gpu_path(q):
         return {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
                 "dq": dict(BLOCK_M=64, BLOCK_N=32)}[kind]
     big = q.shape[-1] > 64 or q.dtype == torch.float32
+    fp32 = q.dtype == torch.float32
     if kind == "fwd":
-        return dict(BLOCK_M=128 if not big else 64, BLOCK_N=64 if not big else 32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128 if not big else 64, BLOCK_N=64 if not big else 32, num_warps=8 if fp32 else 4,
+                    num_stages=3)
     if kind == "dkdv":
-        return dict(BLOCK_M=32 if not big else 16, BLOCK_N=128 if not big else 64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32 if not big else 16, BLOCK_N=128 if not big else 64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=128 if not big else 64, BLOCK_N=32 if not big else 16, num_warps=4, num_stages=2)
 
 
@@ -300,7 +306,7 @@ def _precision(q: torch.Tensor) -> dict:
     # fp32 inputs must not silently drop to tf32 (PyTorch's fp32 matmul does not either). Triton 3.9's
     # interpreter multiplies bf16/fp16 tiles as raw integers, so there (INTERP) every dot operand is upcast to
     # fp32 (exact for values already rounded to the input dtype, so the arithmetic matches the GPU's).
-    return dict(PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERP=not q.is_cuda)
+    return dict(PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERP=not gpu_path(q))
 
 
 def _checked(t: torch.Tensor) -> torch.Tensor:

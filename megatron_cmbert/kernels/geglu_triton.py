@@ -16,10 +16,11 @@ import triton
 import triton.language as tl
 
 from megatron_cmbert.kernels.triton_common import cast
-from megatron_cmbert.kernels.triton_utils import launcher
+from megatron_cmbert.kernels.triton_utils import gpu_path, launcher
 
-SQRT1_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+# constexpr: compiled kernels may only read constexpr globals (the interpreter reads any).
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 def split(x: torch.Tensor, interleaved: bool):
@@ -64,7 +65,7 @@ def _geglu_kernel(X, Y, DY, DX, rows, width, stride_x, stride_y, BACKWARD: tl.co
 def _blocks(x):
     # GPU: 4 x 1024 elements per program (bandwidth-bound: enough bytes in flight, few index ops);
     # interpreter: few large programs.
-    return (4, 1024, 8) if x.is_cuda else (16, 128, 4)
+    return (4, 1024, 8) if gpu_path(x) else (16, 128, 4)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ def geglu_forward(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
         block_r, block_c, warps = _blocks(x)
         launcher(_geglu_kernel, x)[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
             x2, y, y, x2, rows, width, x2.stride(0), y.stride(0), BACKWARD=False, INTERLEAVED=interleaved,
-            BLOCK_R=block_r, BLOCK_C=block_c, INTERP=not x.is_cuda, num_warps=warps)
+            BLOCK_R=block_r, BLOCK_C=block_c, INTERP=not gpu_path(x), num_warps=warps)
     return y.view(*x.shape[:-1], width)
 
 
@@ -102,7 +103,7 @@ def geglu_backward(grad_y: torch.Tensor, x: torch.Tensor, interleaved: bool) -> 
         block_r, block_c, warps = _blocks(x)
         launcher(_geglu_kernel, x)[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
             x2, dy, dy, dx, rows, width, x2.stride(0), dy.stride(0), BACKWARD=True, INTERLEAVED=interleaved,
-            BLOCK_R=block_r, BLOCK_C=block_c, INTERP=not x.is_cuda, num_warps=warps)
+            BLOCK_R=block_r, BLOCK_C=block_c, INTERP=not gpu_path(x), num_warps=warps)
     return dx.view(x.shape)
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from megatron_cmbert.kernels.triton_common import cast
-from megatron_cmbert.kernels.triton_utils import launcher, next_power_of_2, program_count
+from megatron_cmbert.kernels.triton_utils import gpu_path, launcher, next_power_of_2, program_count
 
 MAX_HIDDEN = 65536
 
@@ -69,7 +69,7 @@ def _rms_bwd_kernel(X, W, DY, RSTD, DX, DW_PARTIAL, rows, hidden, stride_x, stri
 
 def _config(x: torch.Tensor, hidden: int):
     block_h = next_power_of_2(hidden)
-    if not x.is_cuda:
+    if not gpu_path(x):
         return 16, block_h, 4
     # ~4-8k fp32 elements per tile: enough loads in flight per SM without spilling registers.
     block_r = max(1, min(16, 4096 // block_h))
@@ -94,7 +94,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
         block_r, block_h, warps = _config(x, hidden)
         launcher(_rms_fwd_kernel, x)[(triton.cdiv(rows, block_r),)](
             x2, weight.contiguous(), y, rstd, rows, hidden, eps, x2.stride(0), y.stride(0),
-            BLOCK_R=block_r, BLOCK_H=block_h, INTERP=not x.is_cuda, num_warps=warps)
+            BLOCK_R=block_r, BLOCK_H=block_h, INTERP=not gpu_path(x), num_warps=warps)
     return y.view(x.shape), rstd
 
 
@@ -116,7 +116,7 @@ def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if rows:
         launcher(_rms_bwd_kernel, x)[(programs,)](
             x2, weight.contiguous(), dy, rstd, dx, partial, rows, hidden, x2.stride(0), dy.stride(0),
-            dx.stride(0), BLOCK_R=block_r, BLOCK_H=block_h, INTERP=not x.is_cuda, num_warps=warps)
+            dx.stride(0), BLOCK_R=block_r, BLOCK_H=block_h, INTERP=not gpu_path(x), num_warps=warps)
     return dx.view(x.shape), partial.sum(0).to(weight.dtype)
 
 

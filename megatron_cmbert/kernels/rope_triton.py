@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from megatron_cmbert.kernels.triton_common import cast
-from megatron_cmbert.kernels.triton_utils import launcher, next_power_of_2
+from megatron_cmbert.kernels.triton_utils import gpu_path, launcher, next_power_of_2
 
 
 @functools.lru_cache(maxsize=16)
@@ -91,11 +91,11 @@ def _launch(q, k, positions, inv_freq, conjugate: bool):
         return q_out, k_out
     block_h, block_half = next_power_of_2(heads), next_power_of_2(head_dim // 2)
     # ~4k elements of each half per program on GPU; under the interpreter fewer, larger programs are cheaper.
-    block_t = max(1, 4096 // (block_h * block_half)) if q.is_cuda else 32
+    block_t = max(1, 4096 // (block_h * block_half)) if gpu_path(q) else 32
     launcher(_rope_kernel, q)[(triton.cdiv(total, block_t),)](
         q, k, q_out, k_out, positions, inv_freq, total, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), HALF=head_dim // 2,
-        BLOCK_HALF=block_half, BLOCK_H=block_h, BLOCK_T=block_t, CONJUGATE=conjugate, INTERP=not q.is_cuda, num_warps=4)
+        BLOCK_HALF=block_half, BLOCK_H=block_h, BLOCK_T=block_t, CONJUGATE=conjugate, INTERP=not gpu_path(q), num_warps=4)
     return q_out, k_out
 
 

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from megatron_cmbert.kernels import triton_compile_only
+
 INTERPRET_ENV = "TRITON_INTERPRET"
 # The Triton kernels have passed only the CPU-interpreter tests so far. Until tools/gpu_check.sh has passed
 # on a GPU (and docs/BENCHMARKS.md says so), `auto` does not pick them; backend="triton" (or
@@ -74,10 +76,19 @@ class _InterpretedLauncher:
         return launch
 
 
+def gpu_path(t: torch.Tensor) -> bool:
+    """Whether launches for t take the GPU configuration (block sizes, no interpreter workarounds): CUDA
+    tensors, or any tensor inside triton_compile_only.compile_only(), which compiles them for a GPU."""
+    return t.is_cuda or triton_compile_only.active()
+
+
 def launcher(kernel, t: torch.Tensor):
-    """The object to index with a grid: the compiled kernel for CUDA tensors, its interpreted twin else."""
+    """The object to index with a grid: the compiled kernel for CUDA tensors, a compile-only recorder inside
+    compile_only(), the interpreted twin else."""
     if t.is_cuda:
         return kernel
+    if triton_compile_only.active():
+        return triton_compile_only.CompileOnlyLauncher(kernel)
     return _InterpretedLauncher(kernel)
 
 
@@ -90,6 +101,8 @@ def program_count(t: torch.Tensor, cpu_programs: int = 4) -> int:
     """Programs of a persistent grid: one per SM on CUDA; a few under the interpreter (each costs time)."""
     if t.is_cuda:
         return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    if triton_compile_only.active():
+        return triton_compile_only.sm_count()
     return cpu_programs
 
 
