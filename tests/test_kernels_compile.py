@@ -65,6 +65,23 @@ def test_every_launch_compiles_for_h100_within_its_limits():
     for r in model:
         assert r.matmul == "wgmma", r.describe()
         assert r.spilled_bytes == 0, f"{r.describe()} spills {r.spilled_bytes} B"
+    # GeGLU is bandwidth-bound: both layouts (the model's interleaved one included) must move every element
+    # in 16-byte accesses, not 2-byte loads at stride 2.
+    geglu = [r for r in records if r.kernel == "_geglu_kernel"]
+    assert len(geglu) == 4
+    for r in geglu:
+        assert set(r.global_access_bytes) == {16}, f"{r.describe()}: {r.global_access_bytes}"
+
+
+def test_global_access_widths_are_read_from_ptx():
+    ptx = """
+    @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    ld.global.nc.b32 %r5, [ %rd2 + 0 ];
+    @%p2 st.global.b16 [ %rd3 + 0 ], { %rs1 };
+    st.global.v2.b64 [ %rd4 + 0 ], { %rd5, %rd6 };
+    ld.shared.v4.b32 { %r6, %r7, %r8, %r9 }, [ %r10 + 0 ];
+    """
+    assert compile_only_module.global_access_widths(ptx) == {2: 1, 4: 1, 16: 2}
 
 
 def test_launches_use_gpu_configuration_only_inside_compile_only():

@@ -98,8 +98,14 @@ def compile_all(capability: int = 90, full: bool = False, report=print):
     return records, failures
 
 
+def wide_share(record) -> float:
+    """Share of the kernel's global load/store instructions that move 16 bytes (vectorised)."""
+    total = sum(record.global_access_bytes.values())
+    return record.global_access_bytes.get(16, 0) / total if total else 0.0
+
+
 def format_table(records) -> str:
-    head = f"{'kernel':<18} {'constexprs':<66} {'warps':>5} {'stages':>6} {'smem KB':>7} {'regs':>4} {'spill B':>7} {'matmul':>6}"
+    head = f"{'kernel':<18} {'constexprs':<66} {'warps':>5} {'stages':>6} {'smem KB':>7} {'regs':>4} {'spill B':>7} {'matmul':>6} {'16B ld/st':>9}"
     lines = [head, "-" * len(head)]
     seen = set()
     for r in records:  # the local and global windows specialise the same kernel twice; show one row
@@ -110,7 +116,7 @@ def format_table(records) -> str:
         consts = " ".join(f"{k}={v}" for k, v in r.constexprs.items() if k not in ("INTERP",))
         lines.append(f"{r.kernel:<18} {consts[:66]:<66} {r.num_warps:>5} {r.num_stages:>6} "
                      f"{r.shared_bytes / 1024:>7.1f} {r.registers if r.registers is not None else '?':>4} "
-                     f"{r.spilled_bytes if r.spilled_bytes is not None else '?':>7} {r.matmul:>6}")
+                     f"{r.spilled_bytes if r.spilled_bytes is not None else '?':>7} {r.matmul:>6} {wide_share(r):>8.0%}")
     return "\n".join(lines)
 
 

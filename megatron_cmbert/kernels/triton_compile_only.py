@@ -43,6 +43,7 @@ class CompiledLaunch:
     registers: int | None = None
     spilled_bytes: int | None = None
     matmul: str = "none"  # "wgmma" (Hopper tensor cores), "mma" (Ampere-style tensor cores) or "none"
+    global_access_bytes: dict = dataclasses.field(default_factory=dict)  # width in bytes -> PTX ld/st.global count
     ptxas_log: str = ""
 
     def describe(self) -> str:
@@ -110,7 +111,8 @@ class CompileOnlyLauncher:
             constexprs={names[path[0]]: value for path, value in constexprs.items() if len(path) == 1
                         and kernel.params[path[0]].is_constexpr},
             num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
-            shared_bytes=int(compiled.metadata.shared), matmul=_matmul_kind(compiled.asm["ptx"]))
+            shared_bytes=int(compiled.metadata.shared), matmul=_matmul_kind(compiled.asm["ptx"]),
+            global_access_bytes=global_access_widths(compiled.asm["ptx"]))
         if _STATE["ptxas_report"]:
             _ptxas_report(record, compiled.asm["ptx"], _STATE["target"].arch)
         _STATE["cache"][key] = record
@@ -121,6 +123,19 @@ def _matmul_kind(ptx: str) -> str:
     if "wgmma." in ptx:
         return "wgmma"
     return "mma" if "mma.sync" in ptx else "none"
+
+
+def global_access_widths(ptx: str) -> dict[int, int]:
+    """Bytes per global load/store instruction (ld.global.v4.b32 = 16) -> how many the PTX has. A
+    bandwidth-bound kernel wants its bulk data in 16-byte accesses; 2- or 4-byte ones cost issue slots."""
+    widths: dict[int, int] = {}
+    for match in re.finditer(r"\b(?:ld|st)\.global((?:\.[\w:]+)*)", ptx):
+        parts = match.group(1).split(".")
+        vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        bits = next((int(p[1:]) for p in parts if re.fullmatch(r"[bfsu]\d+", p)), 0)
+        width = vector * bits // 8
+        widths[width] = widths.get(width, 0) + 1
+    return dict(sorted(widths.items()))
 
 
 def _ptxas_report(record: CompiledLaunch, ptx: str, capability: int) -> None:
