@@ -81,6 +81,22 @@ def test_bf16_head_dim_64(window):
     check(LENGTHS, heads=3, head_dim=64, dtype=torch.bfloat16, window=window, seed=1, noncontiguous=True)
 
 
+def _sweep_options():
+    from tools.bench_kernels import SWEEP
+
+    return [(kind, option) for kind, options in SWEEP.items() for option in options]
+
+
+@pytest.mark.parametrize("kind,option", _sweep_options(),
+                         ids=lambda x: x if isinstance(x, str) else f"{x['BLOCK_M']}x{x['BLOCK_N']}w{x['num_warps']}")
+def test_benchmark_sweep_settings_stay_correct(kind, option, monkeypatch):
+    # tools/bench_kernels.py --attention-sweep times these block shapes; each must still give right answers.
+    import megatron_cmbert.kernels.attention_triton as attention_module
+
+    monkeypatch.setitem(attention_module.CONFIG_OVERRIDES, kind, option)
+    check(LENGTHS, heads=2, head_dim=64, dtype=torch.bfloat16, window=(64, 64), seed=3, noncontiguous=True)
+
+
 def test_odd_head_dim_and_custom_scale():
     # head_dim 24 is padded to a 32-wide tile; the padding must not leak into scores or outputs.
     check([5, 70, 33], heads=2, head_dim=24, dtype=torch.float32, window=(9, 4), seed=2, scale=0.3)

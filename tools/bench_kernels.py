@@ -2,6 +2,7 @@
 
     python tools/bench_kernels.py [--csv FILE] [--ops attention,rope,geglu,rms_norm] [--modes fwd,bwd,fwd_bwd]
     python tools/bench_kernels.py --smoke      # tiny shapes, CPU + Triton interpreter: checks the harness (CI)
+    python tools/bench_kernels.py --attention-sweep   # + other attention launch settings vs the defaults
 
 Each row: median time, achieved TFLOP/s (attention) or GB/s (the rest), percentage of the peak measured in
 this same run (a large device copy, counting read + write bytes; a large bf16 matmul), and each baseline's
@@ -21,6 +22,20 @@ import time
 import torch
 
 ATTN_CASES = [(1024, (-1, -1)), (1024, (64, 64)), (8192, (-1, -1)), (8192, (64, 64))]  # window 128 = +-64
+
+
+def _launch(block_m, block_n, warps, stages):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+# Launch settings --attention-sweep times against attention_triton's defaults, one kernel at a time. Each
+# compiles for sm_90a without spilling (tools/compile_kernels.py's check, Triton 3.6); the dK/dV kernel's
+# BLOCK_N and the dQ kernel's BLOCK_M are the rows it owns, BLOCK_N/BLOCK_M the other side it walks.
+SWEEP = {
+    "fwd": [_launch(128, 64, 8, 3), _launch(128, 128, 8, 3), _launch(64, 64, 4, 3), _launch(128, 64, 4, 4)],
+    "dkdv": [_launch(64, 128, 8, 2), _launch(64, 64, 4, 3), _launch(16, 128, 8, 3)],
+    "dq": [_launch(128, 32, 8, 2), _launch(128, 64, 8, 2), _launch(64, 64, 4, 3)],
+}
 
 
 def timer(device: str, smoke: bool):
@@ -162,18 +177,72 @@ def cases(args, device, dtype):
         yield op, label, inputs, work, "GB/s", impls
 
 
+def attention_sweep(args, device, dtype, bench):
+    """Rows timing each SWEEP setting against the default at S=8192, global and window 128: the forward
+    for "fwd", the whole backward (delta + dK/dV + dQ) for the two backward kernels."""
+    from megatron_cmbert.kernels import attention_triton
+    from megatron_cmbert.model.padding import cu_seqlens_from_lengths
+
+    seq, heads, head_dim = (32, 2, 32) if args.smoke else (8192, 16, 64)
+    lengths = [seq] * max(1, (96 if args.smoke else args.tokens) // seq)
+    cu = cu_seqlens_from_lengths(lengths, device=device)
+    q, k, v = (torch.randn(sum(lengths), heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    sweep = {kind: options[:1] for kind, options in SWEEP.items()} if args.smoke else SWEEP
+    rows = []
+    try:
+        for window in ((-1, -1), (64, 64)):
+            case = f"S={seq} w={'global' if window[0] < 0 else 2 * window[0]}"
+            def fn(q, k, v, window=window):
+                return attention_triton.attention_triton(q, k, v, cu, seq, window=window)
+            for kind, options in sweep.items():
+                mode = "fwd" if kind == "fwd" else "bwd"
+                default_ms = None
+                for option in [None, *options]:
+                    attention_triton.CONFIG_OVERRIDES.clear()
+                    if option is not None:
+                        attention_triton.CONFIG_OVERRIDES[kind] = option
+                    label = f"{kind} default" if option is None else f"{kind} {option['BLOCK_M']}x{option['BLOCK_N']} " \
+                        f"w{option['num_warps']} s{option['num_stages']}"
+                    try:
+                        ms = bench(make_runner(fn, (q, k, v), mode))
+                    except Exception as error:  # a setting that cannot run is reported, not fatal
+                        print(f"  sweep {case} {label}: failed ({type(error).__name__}: {error})"[:200])
+                        continue
+                    default_ms = ms if option is None else default_ms
+                    ratio = round(ms / default_ms, 3) if default_ms else ""
+                    rows.append(dict(op="attention_sweep", case=case, mode=mode, impl=label, ms=round(ms, 4),
+                                     rate="", unit="", pct_peak="", speedup_vs_this=ratio))
+                    print(f"  sweep {case} {label}: {ms:.3f} ms ({ratio}x the default's time)", flush=True)
+    finally:
+        attention_triton.CONFIG_OVERRIDES.clear()
+    for case in dict.fromkeys(r["case"] for r in rows):
+        for kind in sweep:
+            timed = [r for r in rows if r["case"] == case and r["impl"].startswith(kind + " ")]
+            if timed:
+                best = min(timed, key=lambda r: r["ms"])
+                print(f"  sweep best {case} {kind}: {best['impl']} ({best['speedup_vs_this']}x the default's time)")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under Triton's interpreter")
     parser.add_argument("--csv", help="write every row to this CSV file")
-    parser.add_argument("--ops", default="attention,rope,geglu,rms_norm")
+    parser.add_argument("--ops", default="attention,rope,geglu,rms_norm",
+                        help="comma-separated ops to time, or 'none' (e.g. with --attention-sweep alone)")
     parser.add_argument("--modes", default="fwd,bwd,fwd_bwd")
     parser.add_argument("--tokens", type=int, default=65536, help="packed tokens per call (model: 16k-64k)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--attention-sweep", action="store_true",
+                        help="also time other launch settings of the Triton attention kernels (block sizes, warps, "
+                             "stages; one kernel at a time) against the defaults at S=8192")
     parser.add_argument("--compile-attention", action="store_true",
                         help="also time the torch.compile'd attention reference (slow to compile)")
     args = parser.parse_args(argv)
-    args.ops = args.ops.split(",")
+    args.ops = [] if args.ops == "none" else args.ops.split(",")
+    unknown = set(args.ops) - {"attention", "rope", "geglu", "rms_norm"}
+    if unknown:
+        parser.error(f"--ops: unknown {sorted(unknown)}; choose from attention,rope,geglu,rms_norm or none")
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run on CPU tensors via the interpreter
@@ -204,11 +273,12 @@ def main(argv=None) -> int:
                                  unit=unit, pct_peak=round(100 * rate / peak, 1),
                                  speedup_vs_this=round(ms / times["triton"], 3) if "triton" in times else ""))
             print(f"  {op} {label} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
-    if args.csv:
+    sweep_rows = attention_sweep(args, device, dtype, bench) if args.attention_sweep else []
+    if args.csv and rows + sweep_rows:
         with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(fh, fieldnames=list((rows + sweep_rows)[0]))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(rows + sweep_rows)
     # Short table: our kernel per case and mode, with each baseline's time / ours.
     print(f"\n{'op':9} {'case':20} {'mode':8} {'ms':>9} {'rate':>14} {'%peak':>6}  baseline time / triton time")
     for row in rows:

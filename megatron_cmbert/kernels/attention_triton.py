@@ -280,7 +280,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2, left, rig
 
 
 # ---- launch configuration -----------------------------------------------------------------------------
+# Per-kernel launch settings that replace _config's defaults ({"fwd": {"num_warps": 8}, ...}); empty except
+# while tools/bench_kernels.py --attention-sweep times the alternatives (the interpreter ignores warps/stages).
+CONFIG_OVERRIDES: dict[str, dict] = {}
+
+
 def _config(q: torch.Tensor, kind: str) -> dict:
+    return {**_default_config(q, kind), **CONFIG_OVERRIDES.get(kind, {})}
+
+
+def _default_config(q: torch.Tensor, kind: str) -> dict:
     """Block sizes (BLOCK_M = queries, BLOCK_N = keys per step) and launch options.
 
     Under the interpreter, blocks are small and unequal so that the tests reach every stage and the
