@@ -12,6 +12,7 @@ def test_bench_smoke_writes_csv_and_table(tmp_path, capsys, monkeypatch):
     assert {r["op"] for r in rows} == {"attention", "rope", "geglu", "rms_norm"}
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd_bwd"}
     assert all(float(r["ms"]) > 0 for r in rows)
+    assert not (tmp_path / "bench.csv.partial").exists()  # renamed to its final name once complete
     assert {"triton", "reference"} <= {r["impl"] for r in rows}
     printed = capsys.readouterr().out
     assert "measured peaks: copy" in printed and printed.rstrip().splitlines()[-1].startswith("rms_norm")

@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # no install, so the C++ e
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET                                # compiled kernels on the GPU
 PY="${PYTHON:-python3}"
-TEST_ARGS=(-q -p no:cacheprovider --timeout 150 -x -rs)
+TEST_ARGS=(-v -p no:cacheprovider --timeout 150 -x -rs)   # -v: the log names each test that passed
 
 echo "== device"; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 \
     | tee "$OUT_DIR/device.txt"
