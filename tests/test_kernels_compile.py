@@ -3,6 +3,8 @@
 The CPU interpreter that the other kernel tests use accepts programs the GPU compiler rejects; these tests
 compile the real launch code down to a cubin with Triton's bundled ptxas and check the card's limits.
 """
+import os
+
 import pytest
 import torch
 
@@ -20,7 +22,12 @@ def _nvidia_backend_reason():
     return None
 
 
-pytestmark = pytest.mark.skipif(_nvidia_backend_reason() is not None, reason=str(_nvidia_backend_reason()))
+pytestmark = [
+    pytest.mark.skipif(_nvidia_backend_reason() is not None, reason=str(_nvidia_backend_reason())),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"),
+                       reason="TRITON_INTERPRET=1 for the whole run: Triton then builds interpreter-only kernels "
+                              "that cannot be compiled for a GPU"),
+]
 
 import triton.language as tl  # noqa: E402
 

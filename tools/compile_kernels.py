@@ -128,6 +128,12 @@ def main(argv=None) -> int:
                         help="CUDA compute capability to compile for (90 = H100/H200, 80 = A100)")
     parser.add_argument("--full", action="store_true", help="also fp16/fp32 and head_dim 32/128 everywhere")
     args = parser.parse_args(argv)
+    from megatron_cmbert.kernels.triton_utils import interpreter_enabled
+
+    if interpreter_enabled():
+        print("error: TRITON_INTERPRET is set, so Triton builds interpreter-only kernels; unset it to compile "
+              "them for a GPU", file=sys.stderr)
+        return 2
     import triton
 
     print(f"compiling for sm_{args.capability} with triton {triton.__version__} (no GPU needed)")

@@ -96,6 +96,10 @@ class CompileOnlyLauncher:
         except ImportError as error:
             raise CompileOnlyUnsupported(f"triton.runtime.jit changed ({error})") from error
         kernel, backend = self.kernel, _STATE["backend"]
+        if not hasattr(kernel, "params"):
+            raise CompileOnlyUnsupported(
+                f"{getattr(kernel, 'fn', kernel)} is an interpreter-only kernel: TRITON_INTERPRET=1 was set when "
+                "triton was imported; unset it to compile for a GPU")
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound_args, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization,
