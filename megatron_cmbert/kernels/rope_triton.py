@@ -44,39 +44,40 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, th
 
 
 @triton.jit
+def _rotate(src, dst, cos, sin, mask, HALF: tl.constexpr, INTERP: tl.constexpr):
+    """dst = src rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), one (tokens, half) tile of a head."""
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, cast(x1 * cos - x2 * sin, dst.dtype.element_ty, INTERP), mask=mask)
+    tl.store(dst + HALF, cast(x2 * cos + x1 * sin, dst.dtype.element_ty, INTERP), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(Q, K, QO, KO, POS, INV_FREQ, total, heads,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
                  CONJUGATE: tl.constexpr, INTERP: tl.constexpr):
+    # cos/sin once per (token, frequency) in a 2-D tile, then a loop over heads that reuses them for q and k:
+    # one transcendental pair per (token, frequency), however Triton lays out the tiles. (A 3-D
+    # tokens x heads x frequencies tile let Triton 3.9 recompute them per head: 4x the cos/sin code.)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = tokens < total
     offs_f = tl.arange(0, BLOCK_HALF)
     f_ok = offs_f < HALF
-    offs_h = tl.arange(0, BLOCK_H)
-    # cos/sin once per (token, frequency), shared by every head of q and k.
     pos = tl.load(POS + tokens, mask=t_ok, other=0).to(tl.float32)
     inv = tl.load(INV_FREQ + offs_f, mask=f_ok, other=0.0)
     angle = pos[:, None] * inv[None, :]
-    cos = tl.cos(angle)[:, None, :]
-    sin = tl.sin(angle)[:, None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
     if CONJUGATE:
         sin = -sin
-    mask = t_ok[:, None, None] & (offs_h < heads)[None, :, None] & f_ok[None, None, :]
-    t64 = tokens.to(tl.int64)[:, None, None]
-    # q
-    src = Q + t64 * stride_qt + offs_h[None, :, None] * stride_qh + offs_f[None, None, :]
-    dst = QO + t64 * stride_qot + offs_h[None, :, None] * stride_qoh + offs_f[None, None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst, cast(x1 * cos - x2 * sin, QO.dtype.element_ty, INTERP), mask=mask)
-    tl.store(dst + HALF, cast(x2 * cos + x1 * sin, QO.dtype.element_ty, INTERP), mask=mask)
-    # k (same tile shape and angles)
-    src = K + t64 * stride_kt + offs_h[None, :, None] * stride_kh + offs_f[None, None, :]
-    dst = KO + t64 * stride_kot + offs_h[None, :, None] * stride_koh + offs_f[None, None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst, cast(x1 * cos - x2 * sin, KO.dtype.element_ty, INTERP), mask=mask)
-    tl.store(dst + HALF, cast(x2 * cos + x1 * sin, KO.dtype.element_ty, INTERP), mask=mask)
+    mask = t_ok[:, None] & f_ok[None, :]
+    t64 = tokens.to(tl.int64)[:, None]
+    q_src, q_dst = Q + t64 * stride_qt + offs_f[None, :], QO + t64 * stride_qot + offs_f[None, :]
+    k_src, k_dst = K + t64 * stride_kt + offs_f[None, :], KO + t64 * stride_kot + offs_f[None, :]
+    for h in range(heads):
+        _rotate(q_src + h * stride_qh, q_dst + h * stride_qoh, cos, sin, mask, HALF, INTERP)
+        _rotate(k_src + h * stride_kh, k_dst + h * stride_koh, cos, sin, mask, HALF, INTERP)
 
 
 def _launch(q, k, positions, inv_freq, conjugate: bool):
@@ -89,13 +90,13 @@ def _launch(q, k, positions, inv_freq, conjugate: bool):
     k_out = torch.empty_like(q_out, dtype=k.dtype)
     if total == 0:
         return q_out, k_out
-    block_h, block_half = next_power_of_2(heads), next_power_of_2(head_dim // 2)
-    # ~4k elements of each half per program on GPU; under the interpreter fewer, larger programs are cheaper.
-    block_t = max(1, 4096 // (block_h * block_half)) if gpu_path(q) else 32
+    block_half = next_power_of_2(head_dim // 2)
+    # GPU: 2k-element (tokens x half) tiles, 16 per thread at 4 warps; the interpreter: few, small programs.
+    block_t = max(1, 2048 // block_half) if gpu_path(q) else 32
     launcher(_rope_kernel, q)[(triton.cdiv(total, block_t),)](
         q, k, q_out, k_out, positions, inv_freq, total, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), HALF=head_dim // 2,
-        BLOCK_HALF=block_half, BLOCK_H=block_h, BLOCK_T=block_t, CONJUGATE=conjugate, INTERP=not gpu_path(q), num_warps=4)
+        BLOCK_HALF=block_half, BLOCK_T=block_t, CONJUGATE=conjugate, INTERP=not gpu_path(q), num_warps=4)
     return q_out, k_out
 
 
