@@ -6,6 +6,7 @@ kernel's max error against fp64 is at most 2x PyTorch's own error in the same dt
 (in fp32 both errors are rounding-level; a summed gradient like RMSNorm's dw gets rows x ulp of slack).
 """
 import logging
+import types
 
 import pytest
 import torch
@@ -179,6 +180,23 @@ def test_torch_compile_traces_all_kernels():
     x.grad = None
     block(x).sum().backward()
     torch.testing.assert_close(grad, x.grad)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU interpreter path; CUDA tensors are compiled instead")
+def test_interpreted_launches_leave_triton_language_unpatched():
+    # Triton's interpreter patches triton.language on each device-function call (our kernels call `cast`,
+    # tl.sum, ...) and never undoes it; triton_utils restores it, else a later GPU compile in the same process
+    # fails (first seen as tests/test_kernels_compile.py failing after these tests with an empty Triton cache).
+    from megatron_cmbert.kernels.triton_utils import _language_objects
+
+    before = [dict(vars(obj)) for obj in _language_objects()]
+    x = torch.randn(5, 48)
+    rms_norm_triton(x.requires_grad_(), torch.ones(48), 1e-5).sum().backward()
+    after = [dict(vars(obj)) for obj in _language_objects()]
+    for obj, b, a in zip(_language_objects(), before, after):
+        changed = sorted(n for n in set(b) | set(a) if b.get(n, None) is not a.get(n, None)
+                         and not isinstance(a.get(n), types.ModuleType))  # submodules imported meanwhile
+        assert not changed, f"{getattr(obj, '__name__', obj)}: {changed[:5]}"
 
 
 # ---- the model through the dispatch -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import types
 
 import torch
 
@@ -49,17 +50,49 @@ def _interpreted(fn):
     return InterpretedFunction(fn)
 
 
+def _language_objects():
+    """What Triton's interpreter patches (runtime/interpreter.py _patch_lang): triton.language and its core,
+    math, tensor, condition, dtype and tensor-descriptor namespaces."""
+    import triton.language as tl
+
+    core = tl.core
+    names = ("tensor", "condition", "dtype", "tensor_descriptor_base")
+    return [tl, core, tl.math] + [getattr(core, n) for n in names if hasattr(core, n)]
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Put triton.language back as it was. The interpreter patches it on every device-function call and never
+    undoes that (it assumes the whole process interprets); left patched, Triton's GPU compiler fails later in
+    the same process ('block_argument' object has no attribute 'get_element_ty')."""
+    objects = _language_objects()
+    saved = [dict(vars(obj)) for obj in objects]
+    try:
+        yield
+    finally:
+        for obj, before in zip(objects, saved):
+            for name, value in list(vars(obj).items()):
+                if isinstance(value, types.ModuleType):
+                    continue  # a submodule imported meanwhile (e.g. triton.language.semantic): not a patch
+                if name not in before:
+                    delattr(obj, name)
+                elif before[name] is not value:
+                    setattr(obj, name, before[name])
+
+
 @contextlib.contextmanager
 def _device_calls_interpreted():
     """Inside an interpreted launch, let compiled @triton.jit functions (triton.language's own tl.sum, tl.max,
     tl.zeros, ... and any helper of ours) run as interpreted device functions. Triton's interpreter expects
-    TRITON_INTERPRET=1 before `import triton`; this scoped patch gives the same behaviour per launch."""
+    TRITON_INTERPRET=1 before `import triton`; this scoped patch gives the same behaviour per launch, and
+    leaves triton.language as it found it."""
     from triton.runtime.jit import JITFunction
 
     original = JITFunction.__call__
     JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn)(*args, **kwargs)
     try:
-        yield
+        with _language_restored():
+            yield
     finally:
         JITFunction.__call__ = original
 
