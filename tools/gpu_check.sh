@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the Triton kernels (issue 5), in under 8 minutes on one H100:
-#   1. the kernel tests, compiled on the GPU (no interpreter)                      <= 200 s
-#   2. the benchmark on the model's shapes (bf16, 64k tokens), table last          <= 200 s
-#   3. the attention launch-settings sweep at S=8192 (which defaults to keep)      <=  60 s
+# One prepared GPU check for the Triton kernels (issue 5), at most 8 minutes on one H100 (each step has its
+# own time limit, so a slow step cannot starve the next one):
+#   1. the kernel tests, compiled on the GPU (no interpreter), 4 processes      <= 180 s
+#   2. the attention benchmark (bf16, 64k tokens; 8k cases first)               <= 150 s
+#   3. the RoPE / GeGLU / RMSNorm benchmark (bf16, 64k tokens)                  <=  90 s
+#   4. the attention launch-settings sweep at S=8192 (which defaults to keep)   <=  60 s
 # Run from the repo root on the device machine:   bash tools/gpu_check.sh
-# Outputs go under $OUT when set (device.txt, tests.log, bench.log, bench_kernels.csv, sweep.log, sweep.csv).
+# Outputs go under $OUT when set: device.txt, tests.log, bench_*.log, bench_*.csv (rows are written as they
+# are timed, to *.csv.partial until a step completes), sweep.log, sweep.csv.
 # Needs torch, triton, pytest and pytest-timeout (the device image has all four); not megatron-core.
 # Every launch was compiled for sm_90a beforehand on a CPU machine (python tools/compile_kernels.py), so a
 # failure here is about numbers or speed, not about the kernels compiling.
@@ -27,19 +30,25 @@ echo "== device"; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.
     | tee -a "$OUT_DIR/device.txt"
 
 echo "== 1. kernel tests on the GPU"
-timeout 200 "$PY" -m pytest "${TEST_ARGS[@]}" tests/test_kernels_attention.py tests/test_kernels_ops.py \
+timeout 180 "$PY" -m pytest "${TEST_ARGS[@]}" tests/test_kernels_attention.py tests/test_kernels_ops.py \
     tests/test_model_attention.py 2>&1 | tee "$OUT_DIR/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-echo "== 2. benchmark (bf16, 64k tokens)"
-timeout 200 "$PY" tools/bench_kernels.py --tokens 65536 --csv "$OUT_DIR/bench_kernels.csv" 2>&1 \
-    | tee "$OUT_DIR/bench.log"
-bench_rc=${PIPESTATUS[0]}
+echo "== 2. attention benchmark (bf16, 64k tokens)"
+timeout 150 "$PY" tools/bench_kernels.py --tokens 65536 --ops attention --csv "$OUT_DIR/bench_attention.csv" 2>&1 \
+    | tee "$OUT_DIR/bench_attention.log"
+attention_rc=${PIPESTATUS[0]}
 
-echo "== 3. attention launch-settings sweep (S=8192)"
+echo "== 3. RoPE / GeGLU / RMSNorm benchmark (bf16, 64k tokens)"
+timeout 90 "$PY" tools/bench_kernels.py --tokens 65536 --ops rope,geglu,rms_norm \
+    --csv "$OUT_DIR/bench_elementwise.csv" 2>&1 | tee "$OUT_DIR/bench_elementwise.log"
+elementwise_rc=${PIPESTATUS[0]}
+
+echo "== 4. attention launch-settings sweep (S=8192)"
 timeout 60 "$PY" tools/bench_kernels.py --tokens 65536 --ops none --attention-sweep --csv "$OUT_DIR/sweep.csv" \
     2>&1 | grep -E "sweep|device" | tee "$OUT_DIR/sweep.log"
 sweep_rc=${PIPESTATUS[0]}
 
-echo "== done: tests rc=$tests_rc, bench rc=$bench_rc, sweep rc=$sweep_rc (logs in $OUT_DIR)"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "== done: tests rc=$tests_rc, attention rc=$attention_rc, elementwise rc=$elementwise_rc, sweep rc=$sweep_rc" \
+    "(logs in $OUT_DIR; 124 = the step ran out of time)"
+exit $(( tests_rc != 0 || attention_rc != 0 || elementwise_rc != 0 ))
