@@ -31,6 +31,25 @@ MASKED = tl.constexpr(-1.0e30)
 
 # ---- kernels ------------------------------------------------------------------------------------------
 @triton.jit
+def _visit_bounds(own0, before, after, length, OWN: tl.constexpr, STEP: tl.constexpr):
+    """Blocks of STEP on the other side that rows own0 .. own0+OWN-1 reach, where row i reaches
+    i-before .. i+after within [0, length) (-1 = unbounded side). Returns the three stages' bounds:
+    [lo_b, end0) straddles the near edge (masked), [mid_lo, mid_hi) is reached by every row (no mask),
+    [start2, hi) straddles the far edge or the sequence end (masked). Forward and dQ: rows are queries,
+    (before, after) = (left, right); dK/dV: rows are keys, (before, after) = (right, left)."""
+    lo = tl.where(before >= 0, tl.maximum(own0 - before, 0), 0)
+    hi = tl.where(after >= 0, tl.minimum(own0 + OWN + after, length), length)
+    full_lo = tl.where(before >= 0, own0 + OWN - 1 - before, 0)
+    full_hi = tl.where(after >= 0, tl.minimum(own0 + after + 1, length), length)
+    lo_b = (lo // STEP) * STEP
+    mid_lo = lo_b + tl.cdiv(tl.maximum(full_lo - lo_b, 0), STEP) * STEP
+    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // STEP) * STEP
+    end0 = tl.minimum(mid_lo, hi)
+    start2 = tl.maximum(mid_hi, end0)
+    return lo_b, end0, mid_lo, mid_hi, start2, hi
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, left, right, total,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -56,16 +75,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, left, right, total,
     k_base = K + base * stride_kt + head * stride_kh
     v_base = V + base * stride_vt + head * stride_vh
 
-    # Keys any row of this block may see: [lo, hi); keys every row sees: [full_lo, full_hi).
-    lo = tl.where(left >= 0, tl.maximum(q0 - left, 0), 0)
-    hi = tl.where(right >= 0, tl.minimum(q0 + BLOCK_M + right, length), length)
-    full_lo = tl.where(left >= 0, q0 + BLOCK_M - 1 - left, 0)
-    full_hi = tl.where(right >= 0, tl.minimum(q0 + right + 1, length), length)
-    lo_b = (lo // BLOCK_N) * BLOCK_N
-    mid_lo = lo_b + tl.cdiv(tl.maximum(full_lo - lo_b, 0), BLOCK_N) * BLOCK_N
-    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
-    end0 = tl.minimum(mid_lo, hi)
-    start2 = tl.maximum(mid_hi, end0)
+    # Key blocks this query block reaches, in three stages (see _visit_bounds).
+    lo_b, end0, mid_lo, mid_hi, start2, hi = _visit_bounds(q0, left, right, length, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -152,15 +163,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, scale_log2, lef
     row_base = head.to(tl.int64) * total + base
 
     # Queries that see some key of this block: i - left <= j <= i + right  <=>  j - right <= i <= j + left.
-    lo = tl.where(right >= 0, tl.maximum(n0 - right, 0), 0)
-    hi = tl.where(left >= 0, tl.minimum(n0 + BLOCK_N + left, length), length)
-    full_lo = tl.where(right >= 0, n0 + BLOCK_N - 1 - right, 0)
-    full_hi = tl.where(left >= 0, tl.minimum(n0 + left + 1, length), length)
-    lo_b = (lo // BLOCK_M) * BLOCK_M
-    mid_lo = lo_b + tl.cdiv(tl.maximum(full_lo - lo_b, 0), BLOCK_M) * BLOCK_M
-    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_M) * BLOCK_M
-    end0 = tl.minimum(mid_lo, hi)
-    start2 = tl.maximum(mid_hi, end0)
+    lo_b, end0, mid_lo, mid_hi, start2, hi = _visit_bounds(n0, right, left, length, BLOCK_N, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -238,15 +241,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2, left, rig
     v_base = V + base * stride_vt + head * stride_vh
 
     # Same key ranges as the forward.
-    lo = tl.where(left >= 0, tl.maximum(q0 - left, 0), 0)
-    hi = tl.where(right >= 0, tl.minimum(q0 + BLOCK_M + right, length), length)
-    full_lo = tl.where(left >= 0, q0 + BLOCK_M - 1 - left, 0)
-    full_hi = tl.where(right >= 0, tl.minimum(q0 + right + 1, length), length)
-    lo_b = (lo // BLOCK_N) * BLOCK_N
-    mid_lo = lo_b + tl.cdiv(tl.maximum(full_lo - lo_b, 0), BLOCK_N) * BLOCK_N
-    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
-    end0 = tl.minimum(mid_lo, hi)
-    start2 = tl.maximum(mid_hi, end0)
+    lo_b, end0, mid_lo, mid_hi, start2, hi = _visit_bounds(q0, left, right, length, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for stage in tl.static_range(3):
