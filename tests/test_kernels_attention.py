@@ -1,7 +1,7 @@
 """Triton varlen sliding-window attention (kernels/attention_triton.py), forward and backward, against an fp64
-dense computation whose document x window mask is built here from scratch (flash-attention's
-construct_local_mask). Runs on the GPU when CUDA is available, else under Triton's interpreter (small shapes:
-the interpreter executes every program in Python).
+dense computation whose document x window mask is built from scratch (tests/dense_attention.py). Runs on
+the GPU when CUDA is available, else under Triton's interpreter (small shapes: the interpreter executes every
+program in Python).
 
 Tolerance (flash-attention's rule): the kernel's max error against fp64 is at most 2x the error of PyTorch's
 own computation in the same dtype (kernels/attention_reference.py), plus a few fp32 ulps of slack because in
@@ -14,32 +14,13 @@ from megatron_cmbert.kernels.attention_reference import attention_reference
 from megatron_cmbert.kernels.attention_triton import attention_flops, attention_triton
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
+from dense_attention import dense_fp64
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (shape too large for Triton's CPU interpreter)")
 LENGTHS = [1, 7, 130, 257]  # a single token, shorter than a block, straddling blocks, odd
 FP32_SLACK = 2e-6  # ~16 fp32 ulps at O(1) outputs
-
-
-def construct_local_mask(lengths, window, device=None):
-    """(T, T) bool: same sequence and i - left <= j <= i + right (negative = unbounded)."""
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
-    total = doc.numel()
-    i = torch.arange(total, device=device)[:, None]
-    j = torch.arange(total, device=device)[None, :]
-    keep = doc[:, None] == doc[None, :]
-    left, right = window
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    return keep
-
-
-def dense_fp64(q, k, v, lengths, window, scale):
-    keep = construct_local_mask(lengths, window, device=q.device)
-    scores = torch.einsum("ihd,jhd->hij", q, k) * scale
-    return torch.einsum("hij,jhd->ihd", scores.masked_fill(~keep, float("-inf")).softmax(-1), v)
 
 
 def check(lengths, heads, head_dim, dtype, window, seed=0, scale=None, noncontiguous=False):

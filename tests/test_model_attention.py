@@ -1,5 +1,5 @@
 """Attention dispatch and backends against an independent fp64 dense computation over the whole packed
-tensor (document mask x window mask built from scratch here)."""
+tensor (document mask x window mask built from scratch in tests/dense_attention.py)."""
 import logging
 
 import pytest
@@ -9,25 +9,9 @@ from megatron_cmbert.kernels.attention import BACKENDS, attention, clear_auto_ch
 from megatron_cmbert.kernels.attention_reference import attention_reference
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
+from dense_attention import dense_fp64
+
 WINDOWS = [(-1, -1), (4, 4), (0, 0), (3, 1), (-1, 2), (5, -1)]
-
-
-def dense_fp64(q, k, v, lengths, window, scale=None):
-    """softmax(q k^T * scale + mask) v over all tokens at once, in fp64, mask = same document and window."""
-    q, k, v = (t.double() for t in (q, k, v))
-    document = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    i = torch.arange(q.shape[0])[:, None]
-    j = torch.arange(q.shape[0])[None, :]
-    keep = document[:, None] == document[None, :]
-    left, right = window
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("ihd,jhd->hij", q, k) * scale
-    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
-    return torch.einsum("hij,jhd->ihd", probs, v)
 
 
 def packed_qkv(lengths, heads=3, head_dim=10, seed=0, dtype=torch.float32):
