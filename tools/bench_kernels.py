@@ -204,8 +204,8 @@ def cases(args, device, dtype):
 
 
 def attention_sweep(args, device, dtype, bench, sink):
-    """Rows timing each SWEEP setting against the default at S=8192, global and window 128: the forward
-    for "fwd", the whole backward (delta + dK/dV + dQ) for the two backward kernels."""
+    """Time each SWEEP setting against the default at S=8192, global and window 128 (rows added to `sink`):
+    the forward for "fwd", the whole backward (delta + dK/dV + dQ) for the two backward kernels."""
     from megatron_cmbert.kernels import attention_triton
     from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
@@ -214,7 +214,6 @@ def attention_sweep(args, device, dtype, bench, sink):
     cu = cu_seqlens_from_lengths(lengths, device=device)
     q, k, v = (torch.randn(sum(lengths), heads, head_dim, device=device, dtype=dtype) for _ in range(3))
     sweep = {kind: options[:1] for kind, options in SWEEP.items()} if args.smoke else SWEEP
-    rows = Rows(None)
     try:
         for window in ((-1, -1), (64, 64)):
             case = f"S={seq} w={'global' if window[0] < 0 else 2 * window[0]}"
@@ -236,20 +235,18 @@ def attention_sweep(args, device, dtype, bench, sink):
                         continue
                     default_ms = ms if option is None else default_ms
                     ratio = round(ms / default_ms, 3) if default_ms else ""
-                    row = dict(op="attention_sweep", case=case, mode=mode, impl=label, ms=round(ms, 4),
-                               rate="", unit="", pct_peak="", speedup_vs_this=ratio)
-                    rows.append(row)
-                    sink.add(row)
+                    sink.add(dict(op="attention_sweep", case=case, mode=mode, impl=label, ms=round(ms, 4),
+                                  rate="", unit="", pct_peak="", speedup_vs_this=ratio))
                     print(f"  sweep {case} {label}: {ms:.3f} ms ({ratio}x the default's time)", flush=True)
     finally:
         attention_triton.CONFIG_OVERRIDES.clear()
+    rows = [r for r in sink if r["op"] == "attention_sweep"]
     for case in dict.fromkeys(r["case"] for r in rows):
         for kind in sweep:
             timed = [r for r in rows if r["case"] == case and r["impl"].startswith(kind + " ")]
             if timed:
                 best = min(timed, key=lambda r: r["ms"])
                 print(f"  sweep best {case} {kind}: {best['impl']} ({best['speedup_vs_this']}x the default's time)")
-    return rows
 
 
 def main(argv=None) -> int:

@@ -19,9 +19,9 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET                                # compiled kernels on the GPU
 PY="${PYTHON:-python3}"
 TEST_ARGS=(-v -p no:cacheprovider --timeout 150 -x -rs)   # -v: the log names each test that passed
-# The GPU tests are bound by Triton compiling ~90 specialisations (about 1.5 s each on one core: 115 s
-# measured for the attention tests' launches with tools/compile_kernels.py's machinery on the CPU machine),
-# so they run in 4 processes when pytest-xdist is there (the device image has it).
+# The GPU tests are bound by Triton compiling their ~90 specialisations, about 1.5 s each on one core
+# (`python tools/compile_kernels.py --full` compiles 87 launches in ~136 s on the CPU machine), so they run
+# in 4 processes when pytest-xdist is there (the device image has it).
 if "$PY" -c "import xdist" 2>/dev/null; then TEST_ARGS+=(-n 4); fi
 
 echo "== device"; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 \
