@@ -1,6 +1,7 @@
 """StableAdamW against the formula (fp64, textbook bias-corrected form), torch.optim.AdamW when update
-clipping is idle, optimi.StableAdamW (the oracle of ../shared/NOTES-TRAINING.md), exact resume; the no-decay
-rule; clip_grad_norm against torch; and TP=2 vs TP=1 on 2 processes (tests/dist/tp_optimizer_check.py)."""
+clipping is idle, optimi.StableAdamW (the PyPI package torch-optimi), exact resume; the weight-decay groups
+(ModernBERT's ndim rule, and the embedding ablation); clip_grad_norm against torch; and TP=2 vs TP=1 on
+2 processes (tests/dist/tp_optimizer_check.py)."""
 import io
 import math
 import subprocess
@@ -175,13 +176,19 @@ def test_parameters_without_grad_are_untouched():
     assert torch.equal(params[1], before) and params[1] not in opt.state and opt.stats["tensors"] == 2
 
 
-class MyRMSNorm(nn.Module):  # stands in for any RMSNorm class: only its name marks it
+class MyRMSNorm(nn.Module):  # any norm class: its 1-D weight is what exempts it
     def __init__(self, n):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n))
 
 
-class LayerNormLinear(nn.Module):  # a fused norm + linear (as Transformer Engine has): "Norm" is not the suffix
+class ProjectionNorm(nn.Module):  # a 2-D weight in a class whose name ends in "Norm": ndim decides, it decays
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, n))
+
+
+class LayerNormLinear(nn.Module):  # a fused norm + linear, as Transformer Engine has
     def __init__(self, n):
         super().__init__()
         self.layer_norm_weight = nn.Parameter(torch.ones(n))
@@ -194,34 +201,56 @@ class Zoo(nn.Module):
         self.emb = nn.Embedding(10, 4)
         self.ln = nn.LayerNorm(4)
         self.rms = MyRMSNorm(4)
+        self.proj = ProjectionNorm(4)
         self.fused = LayerNormLinear(4)
         self.with_bias = nn.Linear(4, 4)
         self.no_bias = nn.Linear(4, 4, bias=False)
         self.tied = nn.Linear(4, 10, bias=False)
-        self.tied.weight = self.emb.weight  # tied decoder: the embedding rule wins
+        self.tied.weight = self.emb.weight  # tied decoder: one parameter, listed once under its first name
         self.decoder_bias = nn.Parameter(torch.zeros(10))
         self.frozen = nn.Linear(4, 4, bias=False).requires_grad_(False)
 
 
-def test_param_groups_exempt_norms_biases_and_embeddings():
+# ModernBERT's main.py (param_groups_weight_decay): ndim <= 1 or a bias -> no decay, everything else decays.
+# named_parameters() lists a module's own parameters (decoder_bias) before its children's.
+ZOO_EXEMPT = ["decoder_bias", "ln.weight", "ln.bias", "rms.weight", "fused.layer_norm_weight", "with_bias.bias"]
+
+
+def test_param_groups_follow_modernbert_embeddings_decay():
     decay, no_decay = param_groups(Zoo(), weight_decay=0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert decay["param_names"] == ["fused.weight", "with_bias.weight", "no_bias.weight"]
-    assert sorted(no_decay["param_names"]) == sorted(["emb.weight", "ln.weight", "ln.bias", "rms.weight",
-                                                      "fused.layer_norm_weight", "with_bias.bias", "decoder_bias"])
+    assert decay["param_names"] == ["emb.weight", "proj.weight", "fused.weight", "with_bias.weight",
+                                    "no_bias.weight"]
+    assert no_decay["param_names"] == ZOO_EXEMPT
 
 
-def test_param_groups_on_the_cmbert_model_decay_exactly_the_linear_weights():
+def test_param_groups_ablation_exempts_embeddings_and_the_tied_decoder():
+    zoo = Zoo()
+    decay, no_decay = param_groups(zoo, weight_decay=0.1, decay_embeddings=False)
+    assert decay["param_names"] == ["proj.weight", "fused.weight", "with_bias.weight", "no_bias.weight"]
+    assert no_decay["param_names"] == ["decoder_bias", "emb.weight"] + ZOO_EXEMPT[1:]
+    assert zoo.tied.weight is no_decay["params"][1]
+
+
+# The tiny preset's parameters (3 layers, RMSNorm, tied decoder), by hand: what decays and what does not.
+TINY_DECAY = ["model.embeddings.tok_embeddings.weight"] + [
+    f"model.layers.{i}.{name}.weight" for i in range(3) for name in ("attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo")
+] + ["head.dense.weight"]
+TINY_NO_DECAY = ["decoder_bias", "model.embeddings.norm.weight", "model.layers.0.mlp_norm.weight"] + [
+    f"model.layers.{i}.{name}.weight" for i in (1, 2) for name in ("attn_norm", "mlp_norm")
+] + ["model.final_norm.weight", "head.norm.weight"]
+
+
+def test_param_groups_on_the_cmbert_model():
     from megatron_cmbert.model import CMBertForMaskedLM, get_preset
-    from megatron_cmbert.model.layers import Linear
 
     model = CMBertForMaskedLM(get_preset("tiny"))
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, Linear)}
     decay, no_decay = param_groups(model)
-    assert {id(p) for p in decay["params"]} == linear_weights
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    assert "model.embeddings.tok_embeddings.weight" in no_decay["param_names"]
-    assert "decoder_bias" in no_decay["param_names"]
+    assert decay["param_names"] == TINY_DECAY
+    assert no_decay["param_names"] == TINY_NO_DECAY
+    decay, no_decay = param_groups(model, decay_embeddings=False)
+    assert decay["param_names"] == TINY_DECAY[1:]
+    assert no_decay["param_names"] == ["decoder_bias", "model.embeddings.tok_embeddings.weight"] + TINY_NO_DECAY[1:]
 
 
 def test_clip_grad_norm_matches_torch():

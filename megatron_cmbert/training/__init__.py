@@ -1,8 +1,9 @@
 """Training: the optimizer and schedules (model-independent, exported here), plus checkpoint.py (atomic
 dist_checkpointing save/load) and trainer.py (the TP x DP loop), imported where used.
 
-optimizer.py   StableAdamW (TP-aware update clipping), param_groups (no decay on norms, biases,
-               embeddings), clip_grad_norm (global grad norm across TP)
+optimizer.py   StableAdamW (TP-aware update clipping), param_groups (ModernBERT's rule: every parameter
+               with ndim > 1 decays, embeddings included; norm weights and biases do not;
+               decay_embeddings=False exempts embeddings), clip_grad_norm (global grad norm across TP)
 schedules.py   ScheduleConfig, lr_at (damped cosine, cosine, linear, wsd, constant), mask_rate_at
                (dynamic 15% -> 30% -> 15% or constant), add_schedule_args (the shared CLI flags)
 """

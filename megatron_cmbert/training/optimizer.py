@@ -15,27 +15,29 @@ p (1 - lr wd) first, so whenever rms <= 1 the two are the same update, eps place
 floating-point rounding differs. rms depends on the gradients alone (not on lr): it exceeds 1 when the
 current gradient is large against its second-moment history, e.g. a loss spike.
 
-Tensor parallelism (../shared/NOTES-TRAINING.md): a parameter marked `tensor_model_parallel = True`
-(megatron-core's attribute) is a shard, so the sum of g^2/max(v, eps^2) and the element count are
-all-reduced over `tp_group` before taking the mean; replicated tensors use their local mean. All sharded
+Weight decay follows ModernBERT's training code: every parameter with ndim > 1 decays (linear weights, the
+token embedding and the decoder tied to it); 1-D parameters (norm weights) and biases do not. Because the
+rule reads ndim, megatron-core's sharded layers and Transformer Engine's fused norms get the same groups
+as the plain TP=1 model. `param_groups(..., decay_embeddings=False)` keeps embeddings undecayed (ablation).
+
+Tensor parallelism: a parameter marked `tensor_model_parallel = True` (megatron-core's attribute) is a
+shard, so the sum of g^2/max(v, eps^2) and the element count are all-reduced over `tp_group` before taking the mean; replicated tensors use their local mean. All sharded
 tensors share ONE all-reduce per step. clip_grad_norm counts sharded grads across the group and replicated
 grads once. Gradients must already be reduced over data parallelism (DDP does it).
 """
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-# Modules whose parameters get no weight decay (ModernBERT's choice), matched by type, or by a class name that
-# ENDS in one of the suffixes, so megatron-core's VocabParallelEmbedding, this repo's Embedding/RMSNorm/LayerNorm
-# and Transformer Engine's norms qualify without importing them here, while a fused "LayerNormLinear" (whose
-# `weight` is a linear weight) does not; its `layer_norm_weight` is caught by the parameter-name rule instead.
-NO_DECAY_MODULE_TYPES = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-                         nn.modules.batchnorm._NormBase)
-NO_DECAY_CLASS_SUFFIXES = ("Norm", "Embedding")
+# Embedding classes for the `decay_embeddings=False` ablation, matched by type (an embedding weight is 2-D
+# like a linear one, so ndim cannot tell them apart). megatron-core's VocabParallelEmbedding and this repo's
+# Embedding are added in embedding_types() without importing megatron here.
+EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
 
 def _sharded(param) -> bool:
@@ -57,36 +59,42 @@ def _all_reduce_sum(tensor: torch.Tensor, group) -> None:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
-def no_weight_decay(module: nn.Module, param_name: str) -> bool:
-    """The rule, for a parameter owned directly by `module` under the local name `param_name`: no decay if
-    - the name is 'bias' or ends in '_bias' (biases, e.g. the MLM decoder_bias), or contains 'norm'
-      (fused norms such as TE's layer_norm_weight), or
-    - the module is an embedding or a normalization: one of NO_DECAY_MODULE_TYPES, or a class name ending
-      in 'Norm' or 'Embedding'.
-    Everything else (linear and other weight matrices) decays."""
-    lowered = param_name.lower()
-    if lowered == "bias" or lowered.endswith("_bias") or "norm" in lowered:
-        return True
-    if isinstance(module, NO_DECAY_MODULE_TYPES):
-        return True
-    return type(module).__name__.endswith(NO_DECAY_CLASS_SUFFIXES)
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """ModernBERT's rule (`param_groups_weight_decay` in its main.py): a parameter with ndim <= 1 (norm
+    weights, biases, TE's fused `layer_norm_weight`) or named as a bias gets no weight decay; every other
+    parameter, embeddings and the tied decoder included, decays."""
+    local = name.rsplit(".", 1)[-1]
+    return param.ndim <= 1 or local == "bias" or local.endswith("_bias")
 
 
-def param_groups(model: nn.Module, weight_decay: float = 0.1) -> list[dict]:
+def embedding_types() -> tuple[type, ...]:
+    """The embedding module classes known here: torch's, this repo's, and megatron-core's vocab-parallel one
+    when megatron-core is already loaded (a model that uses it has imported it)."""
+    from megatron_cmbert.model.layers import Embedding  # plain PyTorch: no distributed import
+
+    types = EMBEDDING_TYPES + (Embedding,)
+    tensor_parallel = sys.modules.get("megatron.core.tensor_parallel")
+    if tensor_parallel is not None:
+        types += (tensor_parallel.VocabParallelEmbedding,)
+    return types
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.1, decay_embeddings: bool = True) -> list[dict]:
     """Two optimizer groups in model.parameters() order: decay (`weight_decay`) and no-decay (0.0), each with
-    a 'param_names' list. A parameter shared by several modules (e.g. a tied embedding/decoder weight) is not
-    decayed if any owner says so. Frozen parameters (requires_grad=False) are left out."""
+    a 'param_names' list. The rule is no_weight_decay (ndim <= 1 or a bias: exempt; everything else
+    decays, as ModernBERT trains). decay_embeddings=False also exempts the weights of embedding modules
+    (embedding_types), the tied decoder with them: the `--no-decay-embeddings` ablation. Shared
+    parameters appear once; frozen ones (requires_grad=False) are left out."""
     exempt = set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if no_weight_decay(module, name):
-                exempt.add(param)
+    if not decay_embeddings:
+        types = embedding_types()
+        exempt = {id(p) for m in model.modules() if isinstance(m, types) for p in m.parameters(recurse=False)}
     decay, no_decay = {"params": [], "param_names": [], "weight_decay": weight_decay}, \
         {"params": [], "param_names": [], "weight_decay": 0.0}
     for name, param in model.named_parameters():  # deduplicates tied parameters
         if not param.requires_grad:
             continue
-        target = no_decay if param in exempt else decay
+        target = no_decay if id(param) in exempt or no_weight_decay(name, param) else decay
         target["params"].append(param)
         target["param_names"].append(name)
     return [g for g in (decay, no_decay) if g["params"]]
@@ -127,7 +135,7 @@ def _debiased(beta: float, step: int) -> float:
 
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with per-tensor update clipping (module docstring). Defaults are the paper's: betas (0.9, 0.95),
-    weight decay 0.1 (give norms, biases and embeddings 0.0 with param_groups), eps 1e-6.
+    weight decay 0.1 (param_groups gives norm weights and biases 0.0), eps 1e-6.
 
     tp_group: the tensor-parallel process group, or None (no reduction). Moments have the parameter's dtype
     (keep fp32 master weights under mixed precision); rms is computed in at least fp32. After each step

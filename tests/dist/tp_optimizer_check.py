@@ -97,9 +97,13 @@ def main():
     optimizers = {"ref": StableAdamW(param_groups(reference), lr=LR),
                   "tp": StableAdamW(param_groups(models["tp"]), lr=LR, tp_group=group),
                   "tp_no_group": StableAdamW(param_groups(models["tp_no_group"]), lr=LR)}
-    # the no-decay rule must see megatron's VocabParallelEmbedding and the biases at TP=2 as at TP=1
+    # ModernBERT's rule (ndim > 1 decays) gives megatron's sharded layers the TP=1 groups; the embedding
+    # ablation must recognise VocabParallelEmbedding as it does nn.Embedding
     assert [g["param_names"] for g in optimizers["tp"].param_groups] == \
         [g["param_names"] for g in optimizers["ref"].param_groups] == \
+        [["emb.weight", "fc1.weight", "fc2.weight"], ["fc1.bias", "fc2.bias", "norm.weight"]]
+    assert [g["param_names"] for g in param_groups(models["tp"], decay_embeddings=False)] == \
+        [g["param_names"] for g in param_groups(reference, decay_embeddings=False)] == \
         [["fc1.weight", "fc2.weight"], ["emb.weight", "fc1.bias", "fc2.bias", "norm.weight"]]
 
     norms, clipped_tensors, worst_norm = [], 0, 0.0
