@@ -119,15 +119,39 @@ def _seq_first(layer_forward):
     return forward
 
 
+def _cpu_autocast(forward_impl):
+    """Make megatron's linear autograd Function see one dtype in forward and backward under CPU autocast.
+
+    megatron-core wraps that Function in custom_fwd/custom_bwd for *CUDA* autocast: on a GPU its backward
+    re-enters autocast with the forward's dtype. Under CPU autocast nothing does, so the forward's matmul
+    runs in bf16 while the backward multiplies the bf16 output grad by the saved fp32 weight and fails
+    ("expected m1 and m2 to have the same dtype"). Here the input and weight are cast to the autocast dtype
+    before the Function (differentiable casts), with autocast off inside it: forward and backward both
+    compute in bf16, and the casts' backward hands fp32 grads to the fp32 master weights, which is what
+    the autograd engine does on a GPU. CUDA tensors, and CPU runs without autocast, take the stock path.
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return forward_impl(self, input, weight, *args, **kwargs)
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            return forward_impl(self, input.to(dtype), weight.to(dtype), *args, **kwargs)
+
+    return _forward_impl
+
+
 @functools.cache
 def _local_linears():
     _, tensor_parallel = _megatron()
 
     class LocalColumnLinear(tensor_parallel.ColumnParallelLinear):
         forward = _seq_first(tensor_parallel.ColumnParallelLinear.forward)
+        _forward_impl = _cpu_autocast(tensor_parallel.ColumnParallelLinear._forward_impl)
 
     class LocalRowLinear(tensor_parallel.RowParallelLinear):
         forward = _seq_first(tensor_parallel.RowParallelLinear.forward)
+        _forward_impl = _cpu_autocast(tensor_parallel.RowParallelLinear._forward_impl)
 
     return LocalColumnLinear, LocalRowLinear
 

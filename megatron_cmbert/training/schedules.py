@@ -19,7 +19,7 @@ in [0, 1] (clamped at 1 after the end). Main-phase styles:
     constant       lr
 
 The paper writes p = s/S over all steps; we count p from the end of the warmup (the warmup comes first,
-../shared/NOTES-TRAINING.md), so eta(p=0) is exactly the peak reached by the warmup.
+see docs/TRAINING.md), so eta(p=0) is exactly the peak reached by the warmup.
 
 Masking rate (paper 3.2 and 3.7): `dynamic` rises linearly from `mask_rate_min` (15%) to `mask_rate_max`
 (30%) during the LR warmup and decays linearly back to `mask_rate_min` over the main phase; the paper gives
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 LR_DECAY_STYLES = ("damped_cosine", "cosine", "linear", "wsd", "constant")
 WSD_DECAY_STYLES = ("linear", "cosine", "minus_sqrt")
@@ -38,6 +38,7 @@ MASK_SCHEDULES = ("dynamic", "constant")
 
 @dataclass(frozen=True)
 class ScheduleConfig:
+    TITLE = "learning-rate and masking schedules"
     train_iters: int
     """Total optimizer steps, warmup included."""
     lr: float = 8e-4
@@ -48,7 +49,7 @@ class ScheduleConfig:
     """Steps of linear warmup from lr_warmup_init to lr (the masking warmup uses the same steps)."""
     lr_warmup_init: float = 5e-5
     """Learning rate at step 0 of the warmup (paper: 5e-5)."""
-    lr_decay_style: str = "damped_cosine"
+    lr_decay_style: str = field(default="damped_cosine", metadata={"choices": LR_DECAY_STYLES})
     """Main-phase shape: one of LR_DECAY_STYLES."""
     cycles: int = 1
     """Damped cosine: number of cycles N (integer >= 1). The paper does not state its value."""
@@ -56,9 +57,9 @@ class ScheduleConfig:
     """Damped cosine: gamma in [0, 1]; the peak envelope falls from lr to gamma * lr. Not stated in the paper."""
     lr_wsd_decay_fraction: float = 0.1
     """WSD: fraction of the main phase spent decaying (the rest is stable at lr)."""
-    lr_wsd_decay_style: str = "linear"
+    lr_wsd_decay_style: str = field(default="linear", metadata={"choices": WSD_DECAY_STYLES})
     """WSD: decay shape, one of WSD_DECAY_STYLES (minus_sqrt: lr - (lr - min_lr) sqrt(q))."""
-    mask_schedule: str = "dynamic"
+    mask_schedule: str = field(default="dynamic", metadata={"choices": MASK_SCHEDULES})
     """dynamic (15% -> 30% in warmup, 30% -> 15% after) or constant (mask_rate)."""
     mask_rate: float = 0.3
     """Masking rate of the constant schedule (ModernBERT's fixed 30%)."""
@@ -174,34 +175,8 @@ def apply_lr(optimizer, step: int, cfg: ScheduleConfig) -> float:
 
 
 def add_schedule_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The schedule flags shared by the trainer and tools/plot_schedules.py (defaults from ScheduleConfig)."""
-    d = ScheduleConfig(train_iters=1)
-    g = parser.add_argument_group("learning-rate and masking schedules")
-    g.add_argument("--train-iters", type=int, required=True, help="total optimizer steps, warmup included")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate eta_max (default {d.lr})")
-    g.add_argument("--min-lr", type=float, default=d.min_lr, help=f"final learning rate eta_min (default {d.min_lr})")
-    g.add_argument("--lr-warmup-iters", type=int, default=d.lr_warmup_iters,
-                   help="linear LR warmup steps; the dynamic masking warmup uses the same steps (default 0)")
-    g.add_argument("--lr-warmup-init", type=float, default=d.lr_warmup_init,
-                   help=f"learning rate at step 0 of the warmup (default {d.lr_warmup_init})")
-    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default=d.lr_decay_style,
-                   help=f"main-phase LR shape (default {d.lr_decay_style})")
-    g.add_argument("--cycles", type=int, default=d.cycles,
-                   help=f"damped_cosine: number of cycles N, integer >= 1 (default {d.cycles})")
-    g.add_argument("--damping", type=float, default=d.damping,
-                   help=f"damped_cosine: gamma in [0, 1], the final peak envelope as a fraction of --lr "
-                        f"(default {d.damping})")
-    g.add_argument("--lr-wsd-decay-fraction", type=float, default=d.lr_wsd_decay_fraction,
-                   help=f"wsd: fraction of the main phase spent decaying (default {d.lr_wsd_decay_fraction})")
-    g.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default=d.lr_wsd_decay_style,
-                   help=f"wsd: decay shape (default {d.lr_wsd_decay_style})")
-    g.add_argument("--mask-schedule", choices=MASK_SCHEDULES, default=d.mask_schedule,
-                   help="dynamic: --mask-rate-min -> --mask-rate-max during the warmup, back to --mask-rate-min "
-                        "by the end; constant: --mask-rate (default dynamic)")
-    g.add_argument("--mask-rate", type=float, default=d.mask_rate,
-                   help=f"constant masking rate (default {d.mask_rate})")
-    g.add_argument("--mask-rate-min", type=float, default=d.mask_rate_min,
-                   help=f"dynamic: rate at the start and the end (default {d.mask_rate_min})")
-    g.add_argument("--mask-rate-max", type=float, default=d.mask_rate_max,
-                   help=f"dynamic: rate at the end of the warmup (default {d.mask_rate_max})")
-    return parser
+    """The schedule flags shared by the trainer and tools/plot_schedules.py, generated from ScheduleConfig's
+    fields (names, defaults, docstrings as help) like every training flag (training/config.py)."""
+    from megatron_cmbert.training.config import add_dataclass_args  # config.py imports this module
+
+    return add_dataclass_args(parser, ScheduleConfig)

@@ -1,0 +1,437 @@
+"""The training configuration: one tree of frozen dataclasses, and the command line generated from it.
+
+    TrainConfig
+    ├── model       ModelOverrides   --preset, and every ModelConfig field (None = the preset's value)
+    ├── parallel    ParallelConfig   TP size, sequence parallelism, bf16, linear/attention implementations
+    ├── data        DataConfig       tokenizer, datasets, split, lengths, batch sizes, masking
+    ├── optimizer   OptimizerConfig  StableAdamW and clipping
+    ├── schedule    ScheduleConfig   LR and masking-rate curves (training/schedules.py)
+    ├── checkpoint  CheckpointConfig --save/--load rules, intervals, stopping
+    ├── logging     LoggingConfig    intervals, metrics file, TensorBoard
+    └── seed
+
+`add_dataclass_args` turns a dataclass into argparse flags: the flag is the field name with '-' for '_'
+(Megatron's names: --global-batch-size, --tensor-model-parallel-size), the help is the field's docstring,
+the type, choices and `nargs` come from the annotation and `field(metadata=...)`, a field without a default
+is required, a bool defaulting to False is `--name`, one defaulting to True is `--no-name`. Field names are
+unique across the tree, so a flat argparse namespace maps back onto it (`TrainConfig.from_namespace`).
+Validation lives in each `__post_init__`; its errors reach the caller as `ConfigError` (a ValueError).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import os
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from megatron_cmbert.model.config import NORMALIZATIONS, PRESETS, ModelConfig, get_preset
+from megatron_cmbert.training.schedules import ScheduleConfig
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message is one line that names the flag and says what is wrong."""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: docstring} read from the class source: the string literal right after each annotated field
+    (the convention ModelConfig and ScheduleConfig follow)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # generated classes have no source; their help is in metadata
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _unwrap_optional(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_args(parser, cls, title: Optional[str] = None, seen: Optional[set] = None):
+    """Add one flag per field of dataclass `cls` (nested dataclasses become their own argument groups)."""
+    seen = set() if seen is None else seen
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    group = parser.add_argument_group(title or getattr(cls, "TITLE", cls.__name__))
+    for f in fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            add_dataclass_args(parser, tp, None, seen)
+            continue
+        if f.name in seen:
+            raise TypeError(f"field {f.name} appears twice in the config tree; flags must be unique")
+        seen.add(f.name)
+        meta = f.metadata
+        help_text = meta.get("help") or docs.get(f.name, "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        flags = [flag_name(f.name), *meta.get("aliases", ())]
+        kwargs: dict[str, Any] = {"dest": f.name}
+        if tp is bool:
+            if default:  # --no-name turns a default-on switch off
+                flags = ["--no-" + f.name.replace("_", "-")]
+                kwargs.update(action="store_false", default=True)
+            else:
+                kwargs.update(action="store_true", default=False)
+        else:
+            if typing.get_origin(tp) is list:
+                kwargs["nargs"] = "+"
+                tp = typing.get_args(tp)[0]
+            kwargs.update(type=tp, default=default, required=required)
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+            if "metavar" in meta:
+                kwargs["metavar"] = meta["metavar"]
+            if not required and default is not None:
+                help_text += f" (default {default})"
+        group.add_argument(*flags, help=help_text.replace("%", "%%"), **kwargs)
+    return parser
+
+
+def from_namespace(cls, ns: argparse.Namespace):
+    """Build dataclass `cls` (recursively) from the flat namespace that add_dataclass_args produced."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        values[f.name] = from_namespace(tp, ns) if dataclasses.is_dataclass(tp) else getattr(ns, f.name)
+    return cls(**values)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# ---- the tree -------------------------------------------------------------------------------------------
+def _model_overrides_class():
+    """ModelOverrides is generated from ModelConfig so that every model field is a flag, with its docs."""
+    hints = typing.get_type_hints(ModelConfig)
+    docs = field_docs(ModelConfig)
+    aliases = {"global_rope_theta": ("--rope-theta-global",), "local_rope_theta": ("--rope-theta-local",)}
+    extra = {"normalization": {"choices": NORMALIZATIONS}}
+    spec = [("preset", str, field(default="tiny", metadata={
+        "help": "model preset: " + ", ".join(PRESETS) + "; the flags below override single fields",
+        "choices": tuple(PRESETS)}))]
+    for f in fields(ModelConfig):
+        if f.name == "name":
+            continue
+        meta = {"help": docs.get(f.name, "") + " Default: the preset's value.",
+                "aliases": aliases.get(f.name, ()), **extra.get(f.name, {})}
+        if f.name == "vocab_size":
+            meta["help"] = ("embedding rows before padding; default: the tokenizer's size (--tokenizer-model); "
+                            "a larger value leaves unused rows")
+        spec.append((f.name, Optional[hints[f.name]], field(default=None, metadata=meta)))
+
+    def resolve(self, tokenizer_vocab: int) -> ModelConfig:
+        """The preset with the given fields replaced; vocab_size defaults to the tokenizer's size."""
+        changes = {f.name: getattr(self, f.name) for f in fields(self)
+                   if f.name != "preset" and getattr(self, f.name) is not None}
+        changes.setdefault("vocab_size", tokenizer_vocab)
+        if changes["vocab_size"] < tokenizer_vocab:
+            raise ConfigError(f"--vocab-size {changes['vocab_size']} is smaller than the tokenizer's "
+                              f"{tokenizer_vocab} tokens")
+        try:
+            return get_preset(self.preset, **changes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    cls = dataclasses.make_dataclass("ModelOverrides", spec, frozen=True, namespace={"resolve": resolve})
+    cls.__doc__ = "The model: a preset and optional per-field overrides (None keeps the preset's value)."
+    cls.__module__ = __name__
+    cls.TITLE = "model (preset and overrides)"
+    return cls
+
+
+ModelOverrides = _model_overrides_class()
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    TITLE = "parallelism and precision"
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size; the data-parallel size is WORLD_SIZE / this."""
+    sequence_parallel: bool = False
+    """Shard activations between TP ranks (megatron-core sequence parallelism)."""
+    bf16: bool = False
+    """bf16 autocast with fp32 master weights and optimizer state."""
+    transformer_impl: str = field(default="local", metadata={"choices": ("local", "transformer_engine")})
+    """Linear layers: megatron-core local or Transformer Engine."""
+    attention_backend: Optional[str] = field(default=None, metadata={
+        "choices": ("auto", "reference", "flex", "flash_attn", "triton")})
+    """Attention kernel; default: $CMBERT_ATTN_BACKEND or auto."""
+
+    def __post_init__(self):
+        _check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    TITLE = "data"
+    tokenizer_model: str = field(metadata={"metavar": "DIR"})
+    """Tokenizer directory (tools/train_tokenizer.py); the datasets must have been built with it."""
+    data_path: list[str] = field(metadata={"metavar": "[WEIGHT] PREFIX"})
+    """PREFIX_text_document (tools/preprocess_data.py's output prefix + _text_document), or weight/prefix
+    pairs: 0.57 A_text_document 0.43 B_text_document (Megatron style)."""
+    split: str = "98,2,0"
+    """train,valid,test shares of each dataset's documents."""
+    seq_length: int = 1024
+    """Tokens per packed sample."""
+    micro_batch_size: int = 4
+    """Samples per micro-batch (one forward/backward)."""
+    global_batch_size: int = 32
+    """Samples per optimizer step, all data-parallel ranks and accumulation steps together."""
+    masking: str = field(default="word", metadata={"choices": ("word", "token")})
+    """Whole-word masking over the word-start units, or per-token masking (ablation)."""
+    mask_prob: float = 0.8
+    """Share of the selected tokens replaced by [MASK]."""
+    random_prob: float = 0.1
+    """Share of the selected tokens replaced by a random token (the rest stay)."""
+    eval_mask_rate: float = 0.15
+    """Fixed masking rate of the validation loss."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (batches are identical with any number)."""
+
+    def __post_init__(self):
+        for name in ("seq_length", "micro_batch_size", "global_batch_size"):
+            _check(getattr(self, name) >= 1, f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        _check(self.global_batch_size % self.micro_batch_size == 0,
+               f"--global-batch-size {self.global_batch_size} must be a multiple of --micro-batch-size "
+               f"{self.micro_batch_size}")
+        _check(0 <= self.mask_prob and 0 <= self.random_prob and self.mask_prob + self.random_prob <= 1,
+               f"need --mask-prob + --random-prob <= 1, got {self.mask_prob} + {self.random_prob}")
+        _check(0 < self.eval_mask_rate < 1, f"--eval-mask-rate must be in (0, 1), got {self.eval_mask_rate}")
+        _check(self.num_workers >= 0, "--num-workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    TITLE = "optimizer (StableAdamW)"
+    weight_decay: float = 0.1
+    """Decoupled weight decay of every parameter with ndim > 1 (norm weights and biases never decay)."""
+    decay_embeddings: bool = True
+    """Decay the embedding too (ModernBERT's rule); --no-decay-embeddings exempts it (ablation)."""
+    adam_beta1: float = 0.9
+    """First-moment decay."""
+    adam_beta2: float = 0.95
+    """Second-moment decay (the paper's 0.95)."""
+    adam_eps: float = 1e-6
+    """Epsilon of the update denominator."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip."""
+    skip_nan_steps: bool = False
+    """Skip a step whose gradient norm is not finite instead of stopping the run."""
+
+    def __post_init__(self):
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.adam_eps > 0 and self.clip_grad > 0, "--adam-eps and --clip-grad must be > 0")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    TITLE = "checkpoints and stopping"
+    save: Optional[str] = field(default=None, metadata={"metavar": "DIR"})
+    """Checkpoint directory (iter_NNNNNNN/ per save). A new run refuses a directory that already holds
+    checkpoints unless --overwrite."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end and when stopped)."""
+    load: Optional[str] = field(default=None, metadata={"metavar": "DIR"})
+    """Resume: a save directory (its newest complete checkpoint, falling back to older ones when it does
+    not load) or one DIR/iter_NNNNNNN. It must hold a checkpoint; a new run does not pass --load."""
+    finetune: bool = False
+    """With --load: take the weights only; step, optimizer, data order and schedule start afresh (Stage II)."""
+    overwrite: bool = False
+    """Allow writing into a --save directory that holds checkpoints after the step this run starts from
+    (step 0 for a new run or --finetune): they are deleted at the run's first save."""
+    keep_last: int = 0
+    """Keep only the newest K checkpoints (0: keep all)."""
+    override_schedule: bool = False
+    """Resume even though the LR/masking schedule flags differ from the checkpoint's (the new schedule
+    applies from the resumed step on)."""
+    exit_interval: int = 0
+    """Stop (after saving, with --save) once the step is a multiple of N."""
+    exit_duration_in_mins: float = 0.0
+    """Stop cleanly (save, exit 0) after this many minutes of wall-clock time, e.g. before a job's time
+    limit (0: no limit)."""
+
+    def __post_init__(self):
+        for name in ("save_interval", "keep_last", "exit_interval"):
+            _check(getattr(self, name) >= 0, f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+        _check(self.exit_duration_in_mins >= 0, "--exit-duration-in-mins must be >= 0")
+        _check(not self.finetune or self.load, "--finetune needs --load (the checkpoint to take weights from)")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    TITLE = "logging and evaluation"
+    log_interval: int = 10
+    """Log loss, accuracy, LR, masking rate, grad norm and throughput every N steps."""
+    eval_interval: int = 0
+    """Validation loss every N steps (0: never)."""
+    eval_iters: int = 2
+    """Global batches per validation."""
+    metrics_file: Optional[str] = field(default=None, metadata={"metavar": "FILE"})
+    """JSON lines, one per logged step, keyed by step (a resumed run drops rows after its checkpoint)."""
+    tensorboard_dir: Optional[str] = field(default=None, metadata={"metavar": "DIR"})
+    """TensorBoard event directory (if tensorboard is installed)."""
+
+    def __post_init__(self):
+        _check(self.log_interval >= 1, f"--log-interval must be >= 1, got {self.log_interval}")
+        _check(self.eval_interval >= 0 and self.eval_iters >= 0, "--eval-interval and --eval-iters must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a pretraining run needs besides the world it runs in."""
+
+    TITLE = "run"
+    data: DataConfig
+    """Datasets, tokenizer, lengths, batches, masking."""
+    schedule: ScheduleConfig
+    """Learning-rate and masking-rate schedules."""
+    model: ModelOverrides = field(default_factory=ModelOverrides)
+    """Preset and overrides."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout and precision."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """StableAdamW."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, loading and stopping."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logs and evaluation."""
+    seed: int = 1234
+    """Fixes initialisation, data order and masks."""
+
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        return add_dataclass_args(parser, cls)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "TrainConfig":
+        """Build and validate; any validation error becomes a ConfigError."""
+        try:
+            return from_namespace(cls, ns)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:  # ScheduleConfig's and ModelConfig's own checks
+            raise ConfigError(str(exc)) from None
+
+    def flat(self) -> dict:
+        """{flag dest: value} over the whole tree (the "args" of a checkpoint's config.json)."""
+        out: dict = {}
+
+        def walk(obj):
+            for f in fields(obj):
+                value = getattr(obj, f.name)
+                if dataclasses.is_dataclass(value):
+                    walk(value)
+                else:
+                    out[f.name] = list(value) if isinstance(value, (list, tuple)) else value
+
+        walk(self)
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The resolved configuration, one line per section (printed once by rank 0)."""
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                items = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(value).items()
+                                 if not (f.name == "model" and v is None))
+                lines.append(f"  {f.name}: {items}")
+            else:
+                lines.append(f"  {f.name}: {value}")
+        return "config:\n" + "\n".join(lines)
+
+
+# ---- rules that compare the configuration with the checkpoints on disk (no process group needed) ---------
+class ResumeError(ConfigError):
+    """A resume that would not continue the run its checkpoint holds."""
+
+
+def check_resume(train_state: dict, cfg: TrainConfig, path: str) -> None:
+    """Resuming from `path` (its saved train_state) with `cfg` continues the same run: same global batch,
+    same schedule (unless --override-schedule), and not past --train-iters."""
+    gbs = train_state.get("global_batch_size")
+    if gbs is not None and gbs != cfg.data.global_batch_size:
+        raise ResumeError(f"{path} was trained with --global-batch-size {gbs}, not {cfg.data.global_batch_size}; "
+                          f"resuming needs the same value (--finetune starts a new stage instead)")
+    saved = train_state.get("schedule")
+    if saved is not None and not cfg.checkpoint.override_schedule:
+        now = dataclasses.asdict(cfg.schedule)
+        changed = [f"{flag_name(k)} {now[k]} (checkpoint: {saved.get(k)})" for k in now if saved.get(k) != now[k]]
+        if changed:
+            raise ResumeError(f"{path} was trained with another schedule: {', '.join(changed)}; the LR and masking "
+                              f"curves would change mid-run; pass --override-schedule to accept that")
+    step = train_state.get("step", 0)
+    if step > cfg.schedule.train_iters:
+        raise ResumeError(f"{path} is at step {step}, beyond --train-iters {cfg.schedule.train_iters}")
+
+
+def check_checkpoint_dirs(cfg: TrainConfig) -> None:
+    """The --load/--save/--overwrite rules, from the filesystem alone (see docs/TRAINING.md):
+    --load must hold a checkpoint; a resume must match it (check_resume); and --save must not hold
+    checkpoints after the step this run starts from (it would overwrite them, and move the "latest" marker
+    backwards) unless --overwrite, or unless it is the directory being resumed."""
+    from megatron_cmbert.training.checkpoint import (CheckpointError, NoCheckpointError, list_checkpoints,
+                                                     read_train_state, resolve_load)
+
+    ck = cfg.checkpoint
+    start = 0
+    if ck.load:
+        try:
+            candidates = resolve_load(ck.load)
+        except NoCheckpointError as exc:
+            raise ConfigError(f"--load {ck.load}: {exc} (--load resumes a run; a new run does not pass it)") from None
+        if not ck.finetune:
+            error = None
+            for path in candidates:  # the newest whose state reads; loading falls back the same way
+                try:
+                    state = read_train_state(path)
+                except CheckpointError as exc:
+                    error = exc
+                    continue
+                check_resume(state, cfg, path)
+                start = state.get("step", 0)
+                break
+            else:
+                raise error
+    if not ck.save or ck.overwrite:
+        return
+    resuming_own = ck.load and not ck.finetune and os.path.abspath(ck.load) == os.path.abspath(ck.save)
+    later = [path for step, path in list_checkpoints(ck.save) if step > start]
+    if later and not resuming_own:
+        if not ck.load:
+            raise ConfigError(f"--save {ck.save} already holds checkpoints (newest {os.path.basename(later[-1])}): "
+                              f"resume that run with --load {ck.save}, or pass --overwrite to start over (its "
+                              f"checkpoints are deleted at the first save)")
+        raise ConfigError(f"--save {ck.save} holds checkpoints after step {start} (newest "
+                          f"{os.path.basename(later[-1])}) that this run would overwrite; pass --overwrite to "
+                          f"replace them")
