@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megatron_cmbert.data.masking import IGNORE_INDEX, MaskingConfig
-from megatron_cmbert.data.pretrain_data import (MicroBatchSchedule, PretrainSamples, TokenDataset,
-                                                parse_data_path, split_ranges)
+from megatron_cmbert.data.pretrain_data import (MicroBatchSchedule, PretrainSamples, StepSchedule, TokenDataset,
+                                                parse_data_path, split_ranges, step_loader)
 from megatron_cmbert.data.tokenizer import CLS_ID, MASK_ID, SEP_ID
 from tools import preprocess_data
 
@@ -100,3 +100,28 @@ def test_micro_batches_split_the_global_batch_across_data_parallel_ranks(prefixe
         MicroBatchSchedule(samples, 8, 3, 1, 0, rate_at)
     resumed = MicroBatchSchedule(samples, 8, 4, 1, 0, rate_at, first_step=3)
     assert torch.equal(resumed[0].input_ids, single[6].input_ids) and len(resumed) == 10
+
+
+def _rate_at(step):  # module level: worker processes pickle the schedule
+    return 0.15 + 0.01 * step
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_step_loader_yields_the_micro_batches_grouped_per_step(prefixes, num_workers):
+    samples = PretrainSamples([prefixes[0]], "100,0,0", "train", 128, seed=3, num_samples=96, masking=MASKING)
+    for dp_rank in range(2):
+        args = (samples, 12, 3, 2, dp_rank, _rate_at)  # 2 micro-batches per step and rank
+        micro = MicroBatchSchedule(*args, first_step=1, num_steps=5)
+        steps = list(step_loader(StepSchedule(*args, first_step=1, num_steps=5), num_workers))
+        assert [len(s) for s in steps] == [2] * 5
+        flat = [mb for step in steps for mb in step]
+        assert len(flat) == len(micro) == 10
+        for k, mb in enumerate(flat):
+            expected = micro[k]
+            for field in ("input_ids", "labels", "cu_seqlens"):
+                a, b = getattr(mb, field), getattr(expected, field)
+                assert a.dtype == b.dtype and torch.equal(a, b), (k, field)
+            assert (mb.max_seqlen, mb.mask_rate) == (expected.max_seqlen, expected.mask_rate)
+        assert steps[0][0].mask_rate == pytest.approx(0.16)  # step 1 (first_step)
+    with pytest.raises(IndexError):
+        StepSchedule(*args, first_step=1, num_steps=5)[5]

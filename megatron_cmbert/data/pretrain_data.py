@@ -194,3 +194,31 @@ class MicroBatchSchedule(torch.utils.data.Dataset):
         step = self.first_step + k // self.per_step
         first = step * self.G + self.dp_rank * (self.G // self.dp_size) + (k % self.per_step) * self.M
         return self.samples.micro_batch(first, self.M, self.rate_at(step))
+
+
+class StepSchedule(torch.utils.data.Dataset):
+    """Item k = the list of this data-parallel rank's micro-batches of step ``first_step + k``: a loader of
+    whole steps, so the training loop never regroups micro-batches. Takes MicroBatchSchedule's arguments;
+    the micro-batches are MicroBatchSchedule's, in its order."""
+
+    def __init__(self, *args, **kwargs):
+        self.micro_batches = MicroBatchSchedule(*args, **kwargs)
+        self.per_step, self.first_step = self.micro_batches.per_step, self.micro_batches.first_step
+
+    def __len__(self) -> int:
+        return self.micro_batches.num_steps
+
+    def __getitem__(self, k: int) -> list[MicroBatch]:
+        if not 0 <= k < len(self):
+            raise IndexError(f"step {k} of a {len(self)}-step schedule")
+        return [self.micro_batches[k * self.per_step + j] for j in range(self.per_step)]
+
+
+def _as_is(item):
+    return item  # module level: worker processes pickle the collate function
+
+
+def step_loader(schedule: StepSchedule, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Steps in order (item k in the k-th place), built in `num_workers` background processes."""
+    return torch.utils.data.DataLoader(schedule, batch_size=None, shuffle=False, collate_fn=_as_is,
+                                       num_workers=num_workers)
