@@ -1,0 +1,84 @@
+"""Stopping a run cleanly: on SIGTERM (a scheduler's preemption notice, torchrun's shutdown), on the first
+Ctrl-C, or when a wall-clock budget runs out, the loop finishes its step, saves and exits.
+
+The decision has to be the same on every rank at the same step: a signal may reach only some ranks, and
+their clocks differ, so `check()` combines the local reasons with one MAX all-reduce. A rank that stopped
+alone would leave its peers waiting in the next collective forever.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# A code per reason; MAX over the ranks picks one reason that every rank then reports.
+REASONS = (None, "time limit", "SIGINT", "SIGTERM")
+_CODE = {name: code for code, name in enumerate(REASONS)}
+
+
+class StopSignal:
+    """install() → check(group) once per step → uninstall().
+
+    exit_duration_mins: stop once this many minutes have passed since construction (0 = no limit).
+    """
+
+    def __init__(self, exit_duration_mins: float = 0):
+        self.exit_duration_mins = exit_duration_mins
+        self.start = time.monotonic()
+        self.received: Optional[str] = None
+        self.sigints = 0
+        self._previous: dict[int, object] = {}
+        self._owner = os.getpid()
+
+    def install(self) -> None:
+        """Catch SIGTERM and SIGINT (main thread only, as Python requires for signal handlers)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._owner:
+            # A forked child (a DataLoader worker) inherited this handler: the main process decides when to
+            # stop, so a child ignores Ctrl-C (sent to the whole terminal group) and dies on SIGTERM as usual.
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            self.sigints += 1
+            if self.sigints > 1:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, as without this handler
+            # os.write, not print: print from a handler that interrupted a print raises "reentrant call"
+            os.write(2, b"Ctrl-C: stopping cleanly after this step; press again to stop at once\n")
+        if self.received is None or _CODE[name] > _CODE[self.received]:
+            self.received = name
+
+    def local_reason(self) -> Optional[str]:
+        """This rank's reason to stop, without asking the others."""
+        if self.received:
+            return self.received
+        if self.exit_duration_mins and time.monotonic() - self.start >= 60 * self.exit_duration_mins:
+            return "time limit"
+        return None
+
+    def check(self, group=None) -> Optional[str]:
+        """The reason to stop agreed by every rank of `group` (default: the world), or None to go on.
+        A collective when the group has more than one rank: every rank must call it at the same step."""
+        code = _CODE[self.local_reason()]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            device = torch.device("cpu")
+            if dist.get_backend(group) == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            flag = torch.tensor([code], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            code = int(flag.item())
+        return REASONS[code]
