@@ -6,112 +6,185 @@
         --seq-length 256 --micro-batch-size 4 --global-batch-size 8 --train-iters 100 \\
         --lr 8e-4 --lr-warmup-iters 10 --save ckpt --save-interval 50
 
-A plain `python tools/pretrain.py ...` runs as a world of one process. --load resumes exactly (same
-losses as an uninterrupted run); --finetune --load loads weights only (Stage II: --seq-length 8192).
+A plain `python tools/pretrain.py ...` runs as a world of one process.
+
+Checkpoints: a new run does not pass --load, and refuses a --save directory that already holds checkpoints
+(--overwrite replaces them). --load DIR resumes exactly (same losses as an uninterrupted run) from DIR's
+newest complete checkpoint, falling back to an older one with a warning when it does not load;
+--load DIR/iter_NNNNNNN picks one; --finetune --load loads weights only (Stage II: --seq-length 8192).
+A resume with other schedule flags than the checkpoint's is refused unless --override-schedule.
+
+Stopping: SIGTERM or Ctrl-C (SIGINT) makes every rank finish its step, save (with --save) and exit 0,
+printing the command that resumes; --exit-duration-in-mins does the same before a wall-clock limit.
+
+Mistakes in the flags, the data or the checkpoint directories are found before any process group is set
+up and reported as one line `error: ...` (rank 0 only) with exit status 2; --check-only runs just those
+checks (WORLD_SIZE=N in the environment for N ranks). The configuration is a tree of
+dataclasses (megatron_cmbert/training/config.py); every flag below is generated from one of its fields.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shlex
 import sys
 import warnings
 from typing import Optional
 
-from megatron_cmbert.training.schedules import ScheduleConfig, add_schedule_args
+from megatron_cmbert.training.config import ConfigError, TrainConfig
+
+USAGE_ERROR = 2
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default="tiny", help="model preset: tiny, base, large (default tiny)")
-    g.add_argument("--normalization", choices=("RMSNorm", "LayerNorm"), default=None,
-                   help="override the preset (LayerNorm exports to the stock HF class)")
-    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
-                   help="linear layers: megatron-core local or Transformer Engine (default local)")
-    g.add_argument("--attention-backend", default=None,
-                   help="reference, flex, flash_attn, triton or auto (default: $CMBERT_ATTN_BACKEND or auto)")
-    g = p.add_argument_group("parallelism and precision")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size (default 1); DP = world / TP")
-    g.add_argument("--sequence-parallel", action="store_true", help="shard activations between TP ranks")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast, fp32 master weights and optimizer")
-    g = p.add_argument_group("data")
-    g.add_argument("--tokenizer-model", required=True, help="tokenizer directory (tools/train_tokenizer.py)")
-    g.add_argument("--data-path", nargs="+", required=True,
-                   help="PREFIX_text_document, or weight/prefix pairs: 0.57 A 0.43 B (Megatron style)")
-    g.add_argument("--split", default="98,2,0", help="train,valid,test shares of each dataset (default 98,2,0)")
-    g.add_argument("--seq-length", type=int, default=1024, help="tokens per packed sample (default 1024)")
-    g.add_argument("--micro-batch-size", type=int, default=4, help="samples per micro-batch (default 4)")
-    g.add_argument("--global-batch-size", type=int, default=32,
-                   help="samples per optimizer step, all DP ranks and accumulation together (default 32)")
-    g.add_argument("--masking", choices=("word", "token"), default="word", help="whole-word or token masking")
-    g.add_argument("--mask-prob", type=float, default=0.8, help="share of selected tokens -> [MASK] (default 0.8)")
-    g.add_argument("--random-prob", type=float, default=0.1, help="share -> random token (default 0.1)")
-    g.add_argument("--eval-mask-rate", type=float, default=0.15, help="fixed masking rate of validation")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    add_schedule_args(p)
-    g = p.add_argument_group("optimizer (StableAdamW)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (default 0.1)")
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-6)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip (default 1.0)")
-    g.add_argument("--skip-nan-steps", action="store_true", help="skip a step with non-finite loss/grad instead of stopping")
-    g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--save", default=None, help="checkpoint directory")
-    g.add_argument("--save-interval", type=int, default=0, help="save every N steps (and at the end)")
-    g.add_argument("--load", default=None, help="resume from this directory's latest checkpoint")
-    g.add_argument("--finetune", action="store_true", help="with --load: weights only (new stage)")
-    g.add_argument("--exit-interval", type=int, default=0,
-                   help="stop (after saving, with --save) once the step is a multiple of N")
-    g.add_argument("--log-interval", type=int, default=10, help="log every N steps (default 10)")
-    g.add_argument("--eval-interval", type=int, default=0, help="validation loss every N steps (0: never)")
-    g.add_argument("--eval-iters", type=int, default=2, help="global batches per validation (default 2)")
-    g.add_argument("--metrics-file", default=None, help="append one JSON object per logged step")
-    g.add_argument("--tensorboard-dir", default=None, help="TensorBoard event directory (if installed)")
-    g.add_argument("--seed", type=int, default=1234, help="fixes initialisation, data order and masks")
-    args = p.parse_args(argv)
-    if args.finetune and not args.load:
-        p.error("--finetune needs --load")
-    if args.global_batch_size % args.micro_batch_size:
-        p.error("--global-batch-size must be a multiple of --micro-batch-size")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, reported by main() like every other configuration mistake
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    TrainConfig.add_args(parser)
+    parser.add_argument("--check-only", action="store_true",
+                        help="run the pre-launch checks for $WORLD_SIZE ranks (default 1) and exit 0 when they pass; "
+                             "launch scripts run this before torchrun, whose own failure report would otherwise "
+                             "surround the one-line error")
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
+    """The validated configuration tree (raises ConfigError)."""
+    return TrainConfig.from_namespace(build_parser().parse_args(argv))
+
+
+def world_size() -> int:
+    """The number of ranks torchrun (or Slurm through torchrun) will start; 1 for a plain python run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_errors() -> tuple[type, ...]:
+    """The typed errors a configuration mistake raises (turned into one line and exit status 2)."""
+    from megatron_cmbert.data.dataset_checks import DataConfigError
+    from megatron_cmbert.training.checkpoint import CheckpointError
+
+    return ConfigError, DataConfigError, CheckpointError
+
+
+def check_launch(cfg: TrainConfig, world: int):
+    """Every check that needs no process group, in the order a user would fix them. Returns the resolved
+    ModelConfig. Raises ConfigError, DataConfigError or CheckpointError with a one-line message."""
+    from megatron_cmbert.data.dataset_checks import check_data_prefix, check_dataset_tokenizer
+    from megatron_cmbert.data.pretrain_data import parse_data_path, split_ranges
+    from megatron_cmbert.data.tokenizer import load_tokenizer
+    from megatron_cmbert.training.config import check_checkpoint_dirs
+
+    data, tp = cfg.data, cfg.parallel.tensor_model_parallel_size
+    if world % tp:
+        raise ConfigError(f"world size {world} (WORLD_SIZE) is not a multiple of --tensor-model-parallel-size {tp}")
+    dp = world // tp
+    if data.global_batch_size % (data.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {data.global_batch_size} must be a multiple of --micro-batch-size "
+                          f"{data.micro_batch_size} x data-parallel size {dp} (world {world} / TP {tp})")
     try:
-        ScheduleConfig.from_args(args)
+        _, prefixes = parse_data_path(data.data_path)
     except ValueError as exc:
-        p.error(str(exc))
-    return args
+        raise ConfigError(str(exc)) from None
+    try:
+        split_ranges(data.split, 1)
+    except ValueError as exc:
+        raise ConfigError(f"--split {data.split!r}: up to three train,valid,test shares such as 98,2,0 ({exc})") from None
+    if not os.path.isfile(os.path.join(data.tokenizer_model, "tokenizer.json")):
+        raise ConfigError(f"--tokenizer-model {data.tokenizer_model}: no tokenizer.json there "
+                          f"(build one with tools/train_tokenizer.py)")
+    for prefix in prefixes:
+        check_data_prefix(prefix)
+    for prefix in prefixes:
+        check_dataset_tokenizer(prefix, data.tokenizer_model)
+    model = cfg.model.resolve(load_tokenizer(data.tokenizer_model).get_vocab_size())
+    try:
+        model.validate_parallel(tp)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if data.seq_length > model.max_position_embeddings:
+        raise ConfigError(f"--seq-length {data.seq_length} exceeds the model's {model.max_position_embeddings} "
+                          f"positions (--max-position-embeddings)")
+    check_checkpoint_dirs(cfg)
+    return model
 
 
-def _cuda_available() -> bool:
-    import torch
+def resume_command(argv: list[str], save: str) -> str:
+    """The command that continues this run: the same flags with --load SAVE (and without --overwrite,
+    --finetune or an earlier --load, which a resume must not repeat)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word in ("--load",):
+            skip = True
+            continue
+        if word.startswith("--load=") or word in ("--overwrite", "--finetune"):
+            continue
+        kept.append(word)
+    if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun
+        launcher = ["torchrun", "--nproc_per_node", os.environ["LOCAL_WORLD_SIZE"]]
+        if int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ["LOCAL_WORLD_SIZE"]):
+            launcher += ["..."]  # multi-node: the same launcher flags as before
+    else:
+        launcher = ["python"]
+    return shlex.join(launcher + ["tools/pretrain.py"] + kept + ["--load", save])
 
-    return torch.cuda.is_available()
+
+def _fail(exc, rank: int, status: int) -> None:
+    if rank == 0:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    errors = launch_errors()
+    try:
+        namespace = build_parser().parse_args(argv)
+        cfg = TrainConfig.from_namespace(namespace)
+        model_config = check_launch(cfg, world_size())
+    except errors as exc:
+        _fail(exc, rank, USAGE_ERROR)
+    if namespace.check_only:
+        if rank == 0:
+            print(f"checks passed for {world_size()} rank(s)", flush=True)
+        return []
     # Third-party notices that say nothing about this run: optional TE/apex absent, torch's own
     # deprecations inside megatron-core and torch.distributed, and a GPU-only tuning hint.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
-    if not _cuda_available():
-        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     import torch
 
-    from megatron_cmbert.data.tokenizer import load_tokenizer
-    from megatron_cmbert.model import get_preset
-    from megatron_cmbert.training.trainer import Trainer
-
     if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    overrides = {"vocab_size": load_tokenizer(args.tokenizer_model).get_vocab_size()}
-    if args.normalization:
-        overrides["normalization"] = args.normalization
-    config = get_preset(args.preset, **overrides)
-    if args.seq_length > config.max_position_embeddings:
-        raise SystemExit(f"error: --seq-length {args.seq_length} exceeds the preset's "
-                         f"{config.max_position_embeddings} positions")
-    trainer = Trainer(args, config)
-    history = trainer.run()
+    from megatron_cmbert.training.trainer import NonFiniteLossError, Trainer
+
+    if rank == 0:
+        model_fields = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(model_config).items())
+        print(f"{cfg.describe()}\n  resolved model: {model_fields}", flush=True)
+    try:
+        trainer = Trainer(cfg, model_config)
+        history = trainer.run()
+    except errors as exc:  # e.g. no checkpoint under --load would load: the same on every rank
+        _fail(exc, rank, USAGE_ERROR)
+    except NonFiniteLossError as exc:
+        _fail(exc, rank, 1)
+    except KeyboardInterrupt:  # the second Ctrl-C: stop at once, without a traceback
+        _fail("interrupted (second Ctrl-C): nothing saved since the last checkpoint", rank, 130)
+    if rank == 0 and trainer.stop_reason:
+        if trainer.saved_step == trainer.step and cfg.checkpoint.save:
+            print(f"stopped by {trainer.stop_reason}: saved step {trainer.step}; resume with: "
+                  f"{resume_command(argv, cfg.checkpoint.save)}", flush=True)
+        else:
+            print(f"stopped by {trainer.stop_reason} at step {trainer.step}; nothing saved (no --save)", flush=True)
     torch.distributed.destroy_process_group()
     return history
 

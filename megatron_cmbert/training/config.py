@@ -274,8 +274,8 @@ class CheckpointConfig:
     exit_interval: int = 0
     """Stop (after saving, with --save) once the step is a multiple of N."""
     exit_duration_in_mins: float = 0.0
-    """Stop cleanly (save, exit 0) after this many minutes of wall-clock time, e.g. before a job's time
-    limit (0: no limit)."""
+    """Stop cleanly (save, exit 0) this many minutes after the training loop starts, e.g. before a job's
+    time limit (0: no limit)."""
 
     def __post_init__(self):
         for name in ("save_interval", "keep_last", "exit_interval"):
@@ -409,7 +409,7 @@ def check_checkpoint_dirs(cfg: TrainConfig) -> None:
         try:
             candidates = resolve_load(ck.load)
         except NoCheckpointError as exc:
-            raise ConfigError(f"--load {ck.load}: {exc} (--load resumes a run; a new run does not pass it)") from None
+            raise ConfigError(f"--load {exc} (--load resumes a run; a new run does not pass it)") from None
         if not ck.finetune:
             error = None
             for path in candidates:  # the newest whose state reads; loading falls back the same way
