@@ -52,3 +52,17 @@ DISTRIBUTED_ARGS=(
 )
 # megatron-core's sequence-parallel overlap wants one CUDA connection per device.
 export CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+# torchrun passes a SIGTERM on to its ranks, then kills them after this many seconds: long enough for the
+# ranks to finish their step and save (tools/pretrain.py saves on SIGTERM and exits 0).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+
+# tools/pretrain.py's own checks for the whole world first (a mistake is one line and exit 2, before
+# torchrun's failure report could surround it), then torchrun. DRY_RUN=1 prints the torchrun command.
+launch_pretrain() {  # runs tools/pretrain.py "${PRETRAIN_ARGS[@]}"
+    if [[ -n "${DRY_RUN:-}" ]]; then
+        echo torchrun "${DISTRIBUTED_ARGS[@]}" tools/pretrain.py "${PRETRAIN_ARGS[@]}"
+        return
+    fi
+    WORLD_SIZE=$WORLD_SIZE python tools/pretrain.py --check-only "${PRETRAIN_ARGS[@]}" >/dev/null
+    exec torchrun "${DISTRIBUTED_ARGS[@]}" tools/pretrain.py "${PRETRAIN_ARGS[@]}"
+}

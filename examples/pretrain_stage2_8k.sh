@@ -46,5 +46,6 @@ OUTPUT_ARGS=(
     --metrics-file "$SAVE/metrics.jsonl" --tensorboard-dir "$SAVE/tensorboard" --seed 4321
 )
 
-exec ${DRY_RUN:+echo} torchrun "${DISTRIBUTED_ARGS[@]}" tools/pretrain.py "${LOAD_ARGS[@]}" \
-    "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${OPTIMIZER_ARGS[@]}" "${OUTPUT_ARGS[@]}"
+PRETRAIN_ARGS=("${LOAD_ARGS[@]}" "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${OPTIMIZER_ARGS[@]}"
+               "${OUTPUT_ARGS[@]}")
+launch_pretrain

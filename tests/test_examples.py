@@ -1,5 +1,7 @@
 """The multi-node launch scripts: every value checked, and the command they build is one that
-tools/pretrain.py accepts (DRY_RUN=1 prints it instead of launching)."""
+tools/pretrain.py accepts (DRY_RUN=1 prints it instead of launching); --load only when SAVE already holds a
+checkpoint; the two stages together reach the paper's ~1.2T tokens; the Slurm file asks for a signal
+before its time limit."""
 import os
 import shlex
 import subprocess
@@ -34,25 +36,55 @@ def launch(script, env):
                           text=True, timeout=30)
 
 
+def pretrain_args(res):
+    words = shlex.split(res.stdout.strip().splitlines()[-1])
+    return words, pretrain.parse_args(words[words.index("tools/pretrain.py") + 1:])
+
+
 @pytest.mark.parametrize("script,seq,tp", [("pretrain_stage1_1k.sh", 1024, 1), ("pretrain_stage2_8k.sh", 8192, 2)])
 def test_scripts_build_a_valid_pretrain_command(fake_cluster, script, seq, tp):
     res = launch(script, fake_cluster)
     assert res.returncode == 0, res.stderr
-    words = shlex.split(res.stdout.strip().splitlines()[-1])
+    words, cfg = pretrain_args(res)
     assert words[0] == "torchrun" and words[words.index("--nnodes") + 1] == "16"
     assert words[words.index("--node_rank") + 1] == "1"
-    args = pretrain.parse_args(words[words.index("tools/pretrain.py") + 1:])
-    assert args.seq_length == seq and args.tensor_model_parallel_size == tp and args.preset == "large"
+    data, sched = cfg.data, cfg.schedule
+    assert data.seq_length == seq and cfg.parallel.tensor_model_parallel_size == tp and cfg.model.preset == "large"
     dp = 16 * 8 // tp
-    assert args.global_batch_size % (args.micro_batch_size * dp) == 0
+    assert data.global_batch_size % (data.micro_batch_size * dp) == 0
     # tokens per update stay about constant between the stages (paper Sec. 3.4)
-    assert args.global_batch_size * seq == 4096 * 1024
-    weights = [float(w) for w in args.data_path[0::2]]
+    assert data.global_batch_size * seq == 4096 * 1024
+    weights = [float(w) for w in data.data_path[0::2]]
     assert weights == [0.03, 0.57, 0.10, 0.10, 0.20]  # paper Table 1
     if script.startswith("pretrain_stage2"):
-        assert args.finetune and args.lr == 1e-4 and args.min_lr == 5e-5
+        assert cfg.checkpoint.finetune and sched.lr == 1e-4 and sched.min_lr == 5e-5
     else:
-        assert (args.lr, args.lr_warmup_init, args.mask_schedule) == (8e-4, 5e-5, "dynamic")
+        assert (sched.lr, sched.lr_warmup_init, sched.mask_schedule) == (8e-4, 5e-5, "dynamic")
+
+
+def test_the_stages_reach_the_papers_tokens(fake_cluster):
+    tokens = 0
+    for script in ("pretrain_stage1_1k.sh", "pretrain_stage2_8k.sh"):
+        _, cfg = pretrain_args(launch(script, fake_cluster))
+        tokens += cfg.schedule.train_iters * cfg.data.global_batch_size * cfg.data.seq_length
+    assert tokens == pytest.approx(1.2e12, rel=0.01)  # paper: ~1.2T Chinese tokens
+
+
+def test_stage1_passes_load_only_to_resume(fake_cluster, tmp_path):
+    _, cfg = pretrain_args(launch("pretrain_stage1_1k.sh", fake_cluster))
+    assert cfg.checkpoint.load is None and cfg.checkpoint.save == fake_cluster["SAVE"]  # a new run
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "latest_checkpointed_iteration.txt").write_text("2000\n")
+    _, cfg = pretrain_args(launch("pretrain_stage1_1k.sh", fake_cluster))
+    assert cfg.checkpoint.load == str(save) and not cfg.checkpoint.finetune
+
+
+def test_slurm_file_asks_for_a_signal_before_the_limit_and_requeues():
+    text = open(os.path.join(REPO, "examples", "slurm_pretrain.sbatch")).read()
+    assert "#SBATCH --signal=B:USR1@600" in text and "#SBATCH --requeue" in text
+    assert "scancel --signal=TERM" in text and "scontrol requeue" in text
+    assert subprocess.run(["bash", "-n", os.path.join(REPO, "examples", "slurm_pretrain.sbatch")]).returncode == 0
 
 
 @pytest.mark.parametrize("change,message", [
