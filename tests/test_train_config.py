@@ -175,3 +175,11 @@ def test_flags_used_by_the_demo_and_the_readme_still_parse():
         argv = [w for w in argv if w != "${FLAGS[@]}"]
         cfg = pretrain.parse_args(flags + argv)
         assert cfg.data.data_path == ["0.7", "data/a_text_document", "0.3", "data/b_text_document"]
+
+
+def test_attention_backend_choices_are_the_dispatchs():
+    from megatron_cmbert.kernels.attention import BACKENDS
+    from megatron_cmbert.training.config import ParallelConfig
+
+    choices = {f.name: f for f in dataclasses.fields(ParallelConfig)}["attention_backend"].metadata["choices"]
+    assert sorted(choices) == sorted(["auto", *BACKENDS])
