@@ -183,3 +183,21 @@ def test_attention_backend_choices_are_the_dispatchs():
 
     choices = {f.name: f for f in dataclasses.fields(ParallelConfig)}["attention_backend"].metadata["choices"]
     assert sorted(choices) == sorted(["auto", *BACKENDS])
+
+
+@pytest.mark.parametrize("flags,embedding_decay", [([], 0.1), (["--no-decay-embeddings"], 0.0),
+                                                   (["--weight-decay", "0.05"], 0.05)])
+def test_weight_decay_flags_reach_the_optimizer(flags, embedding_decay):
+    from megatron_cmbert.model import CMBertForMaskedLM
+    from megatron_cmbert.training.trainer import build_optimizer
+
+    cfg = parse(*flags)
+    model = CMBertForMaskedLM(get_preset("tiny"))
+    optimizer = build_optimizer(model, cfg.optimizer, lr=1e-3)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    param = dict(model.named_parameters())
+    assert decay_of[id(param["model.embeddings.tok_embeddings.weight"])] == embedding_decay
+    # a linear weight always decays, a norm weight never (ModernBERT's rule)
+    assert decay_of[id(param["model.layers.0.attn.Wqkv.weight"])] == cfg.optimizer.weight_decay
+    assert decay_of[id(param["model.layers.1.mlp_norm.weight"])] == 0.0
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)

@@ -34,7 +34,7 @@ from megatron_cmbert.data.masking import IGNORE_INDEX, MaskingConfig
 from megatron_cmbert.data.pretrain_data import MicroBatchSchedule, PretrainSamples, StepSchedule, step_loader
 from megatron_cmbert.data.tokenizer import MASK_ID, PAD_ID, load_tokenizer
 from megatron_cmbert.training.checkpoint import Ranks, list_checkpoints, load_latest, save_checkpoint
-from megatron_cmbert.training.config import ConfigError, TrainConfig, check_resume
+from megatron_cmbert.training.config import ConfigError, OptimizerConfig, TrainConfig, check_resume
 from megatron_cmbert.training.meter import ThroughputMeter
 from megatron_cmbert.training.metrics import MetricsLog
 from megatron_cmbert.training.optimizer import StableAdamW, clip_grad_norm, param_groups
@@ -78,6 +78,12 @@ def setup_distributed(tp: int, seed: int) -> tuple[Ranks, torch.device]:
     return ranks, device
 
 
+def build_optimizer(model, opt: OptimizerConfig, lr: float, tp_group=None) -> StableAdamW:
+    """StableAdamW over ModernBERT's weight-decay groups (--no-decay-embeddings exempts the embedding)."""
+    groups = param_groups(model, opt.weight_decay, decay_embeddings=opt.decay_embeddings)
+    return StableAdamW(groups, lr=lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps, tp_group=tp_group)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_config):
         from megatron.core import parallel_state
@@ -86,7 +92,7 @@ class Trainer:
         from megatron_cmbert.parallel.layer_spec import build_masked_lm
 
         self.cfg, self.config, self.schedule = cfg, model_config, cfg.schedule
-        par, opt = cfg.parallel, cfg.optimizer
+        par = cfg.parallel
         self.ranks, self.device = setup_distributed(par.tensor_model_parallel_size, cfg.seed)
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if par.tensor_model_parallel_size > 1 else None
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -94,9 +100,7 @@ class Trainer:
         self.model = build_masked_lm(model_config, transformer_impl=par.transformer_impl,
                                      sequence_parallel=par.sequence_parallel).to(self.device)
         self.model.set_attention_backend(par.attention_backend)
-        self.optimizer = StableAdamW(param_groups(self.model, opt.weight_decay, decay_embeddings=opt.decay_embeddings),
-                                     lr=self.schedule.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
-                                     tp_group=self.tp_group)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule.lr, self.tp_group)
         self.step = self.consumed_samples = self.tokens_seen = 0
         self.train_loss: Optional[float] = None
         self.valid_loss: Optional[float] = None
