@@ -112,9 +112,9 @@ class Trainer:
         self.dp_model = data_parallel(self.model, self.dp_group)  # after loading: replicas start equal
         self.metrics = MetricsLog(self.ranks.rank, cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
                                   resume_step=self.step)
+        self._build_data()
         dtype = torch.bfloat16 if par.bf16 else torch.float32
         self.meter = ThroughputMeter(model_config, self.device, dtype, self.ranks.world)
-        self._build_data()
 
     def _build_data(self) -> None:
         data, gbs = self.cfg.data, self.cfg.data.global_batch_size
