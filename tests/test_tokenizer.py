@@ -1,12 +1,15 @@
-"""The Chinese BPE tokenizer: lossless round trip, vocabulary size, fixed special ids, HF loading."""
+"""The Chinese BPE tokenizer: lossless round trip, exactly the vocabulary size asked (alphabet limited
+automatically, too-small corpora refused or padded loudly), fixed special ids, HF loading."""
+import collections
 import json
 import os
 import unicodedata
+import warnings
 
 import pytest
 
 from megatron_cmbert.data.tokenizer import (
-    BYTE_TOKENS, SPECIAL_TOKENS, VOCAB_MULTIPLE, load_tokenizer, save_tokenizer, train_bpe,
+    BYTE_TOKENS, SPECIAL_TOKENS, VOCAB_MULTIPLE, TokenizerSizeError, load_tokenizer, train_bpe, vocabulary_summary,
 )
 
 RARE = "𠀀𪚥𰻞 (outside any training vocabulary), ㎏ ＡＢＣ １２３ full-width, tabs\tand  spaces\n▁ end"
@@ -41,17 +44,53 @@ def test_vocabulary_layout(tokenizer_dir):
 
 
 @pytest.mark.parametrize("vocab_size,corpus_slice", [(4096, slice(0, 300)), (5000, slice(1000, 1200))])
-def test_special_ids_stable_and_size_multiple_of_64(inews_train, vocab_size, corpus_slice):
+def test_special_ids_stable_and_size_exactly_the_multiple_of_64_asked(inews_train, vocab_size, corpus_slice):
     tok = train_bpe(inews_train[corpus_slice], vocab_size=vocab_size, show_progress=False)
-    assert tok.get_vocab_size() % 64 == 0
-    assert tok.get_vocab_size() <= vocab_size
+    assert tok.get_vocab_size() == vocab_size // 64 * 64
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
 
 
-def test_tiny_corpus_still_gives_multiple_of_64():
-    tok = train_bpe(["天地玄黄宇宙洪荒"] * 3, vocab_size=4096, show_progress=False)
-    assert tok.get_vocab_size() % 64 == 0
+def test_more_characters_than_the_budget_still_gives_the_size_asked_and_merges(inews_train):
+    """1,000 inews articles hold ~4,800 distinct characters, more than a 4,096 vocabulary can take: the
+    alphabet is limited to half of the 4096 - 261 learned entries and merges fill the other half."""
+    texts = inews_train[:1000]
+    counts = collections.Counter(c for t in texts for c in nfkc(t))
+    assert len(counts) > 4096 - 261  # before the limit, this gave more than 4,096 entries and no merges
+    tok = train_bpe(texts, vocab_size=4096, show_progress=False)
+    summary = vocabulary_summary(tok)
+    assert tok.get_vocab_size() == 4096
+    assert summary == {"characters": 1917, "merges": 4096 - 261 - 1917, "unused": 0}
+    # the alphabet: the most frequent characters, ties by code point (a plain reference ranking)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert {t for t in tok.get_vocab() if len(t) == 1} == {c for c, _ in ranked[:1917]}
+    heldout = inews_train[1000:1100] + [RARE]
+    rare = {c for c in nfkc("".join(heldout)) if c not in tok.get_vocab()}
+    assert len(rare) > 100  # many characters now travel as bytes...
+    for text, enc in zip(heldout, tok.encode_batch(heldout, add_special_tokens=False)):
+        assert tok.decode(enc.ids) == nfkc(text)  # ...losslessly
+        assert tok.token_to_id("[UNK]") not in enc.ids
+
+
+def test_too_small_corpus_is_refused_with_what_to_pass_or_padded_loudly():
+    texts = ["天地玄黄宇宙洪荒"] * 3
+    with pytest.raises(TokenizerSizeError, match=r"supports 276 vocabulary entries \(8 characters \+ 7 merges "
+                                                 r"seen at least 2 times\), not the 4096 asked: pass more text"):
+        train_bpe(texts, vocab_size=4096, show_progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tok = train_bpe(texts, vocab_size=4096, show_progress=False, pad=True)
+    assert any("padded with 3820 unused entries" in str(w.message) for w in caught)
+    assert tok.get_vocab_size() == 4096 and vocabulary_summary(tok)["unused"] == 3820
     assert tok.decode(tok.encode("天地玄黄", add_special_tokens=False).ids) == "天地玄黄"
+    tokens = tok.encode("[unused0] [unused3819]", add_special_tokens=False).tokens
+    assert not [t for t in tokens if t.startswith("[unused")]  # padding is unreachable
+
+
+def test_one_shot_iterator_needs_an_explicit_alphabet(inews_train):
+    with pytest.raises(TypeError, match="re-iterable"):
+        train_bpe(iter(inews_train[:10]), vocab_size=1024, show_progress=False)
+    with pytest.raises(TokenizerSizeError, match="pass fewer than 763"):
+        train_bpe(inews_train[:10], vocab_size=1024, alphabet=["a"] * 763, show_progress=False)
 
 
 def test_digits_and_punctuation_are_split(tokenizer_dir):
@@ -109,6 +148,26 @@ def test_train_tokenizer_tool(tmp_path, inews_train, capsys):
     tok = load_tokenizer(str(tmp_path / "tok"))
     assert tok.get_vocab_size() == 4096
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tokenizer-")]  # temp dir cleaned up
+    assert info["alphabet"] + info["merges"] == 4096 - 261 and info["merges"] > 0 and info["unused_entries"] == 0
+    assert "rounded down to 4096" in out
+
+
+def test_train_tokenizer_tool_refuses_a_size_the_corpus_cannot_reach(tmp_path, capsys):
+    from tools import train_tokenizer
+
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ["天地玄黄宇宙洪荒"] * 3),
+                      encoding="utf-8")
+    base = ["--input", str(corpus), "--vocab-size", "4096", "--heldout-every", "0", "--quiet"]
+    with pytest.raises(SystemExit, match=r"^error: the corpus supports 276 .*--pad-vocab"):
+        train_tokenizer.main(base + ["--output-dir", str(tmp_path / "no")])
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(SystemExit, match=r"--limit-alphabet"):
+        train_tokenizer.main(base + ["--output-dir", str(tmp_path / "no"), "--limit-alphabet", "3835"])
+    info = train_tokenizer.main(base + ["--output-dir", str(tmp_path / "padded"), "--pad-vocab"])
+    assert "WARNING: the corpus supports 276" in capsys.readouterr().err
+    assert info["vocab_size"] == 4096 and info["unused_entries"] == 3820
+    assert load_tokenizer(str(tmp_path / "padded")).get_vocab_size() == 4096
 
 
 def test_training_is_reproducible_with_a_limited_alphabet(tmp_path, inews_train):

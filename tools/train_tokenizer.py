@@ -7,6 +7,13 @@ Example:
 Writes DIR/tokenizer.json (loadable by ``tokenizers.Tokenizer.from_file``), the config files for
 ``transformers.AutoTokenizer.from_pretrained(DIR)``, and DIR/training_info.json. A deterministic
 held-out slice (every Nth document) is kept out of training to report chars/token honestly.
+
+The vocabulary has exactly --vocab-size entries (rounded down to a multiple of 64), never another size.
+The corpus is read twice: a first pass counts characters to choose the alphabet, by default the most
+frequent characters up to half of the learned entries (vocab size - 5 special - 256 byte tokens; ties by
+code point, so runs agree); rarer characters become byte tokens (still lossless) and the rest of the
+budget goes to merges. A corpus too small to reach the size stops with a message saying what to pass,
+unless --pad-vocab fills the rest with unused entries.
 """
 from __future__ import annotations
 
@@ -17,10 +24,13 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from typing import Iterator, Optional
 
 from megatron_cmbert.data.jsonl import SkipCounter, expand_inputs, get_text, iter_records
-from megatron_cmbert.data.tokenizer import VOCAB_MULTIPLE, batched, save_tokenizer, top_characters, train_bpe
+from megatron_cmbert.data.tokenizer import (ALPHABET_SHARE, VOCAB_MULTIPLE, TokenizerSizeError, max_alphabet,
+                                             save_tokenizer, select_alphabet, train_bpe, vocabulary_summary)
+
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +45,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="longest token in characters; 0 = unlimited (default: 16)")
     p.add_argument("--limit-alphabet", type=int, default=0,
                    help="keep only the N most frequent characters as base alphabet (ties by code point, so "
-                        "runs agree); rarer ones fall back to bytes; 0 = all (default: 0)")
+                        "runs agree); rarer ones fall back to bytes; 0 = automatic: at most "
+                        f"{ALPHABET_SHARE:.0%} of the learned entries (vocab size - 261), e.g. "
+                        f"{max_alphabet(32000):,} for 32000 (default: 0)")
+    p.add_argument("--pad-vocab", action="store_true",
+                   help="when the corpus is too small to reach --vocab-size, fill the rest with unused "
+                        "[unusedN] entries (with a warning) instead of stopping with an error")
     p.add_argument("--heldout-every", type=int, default=100,
                    help="hold out every Nth document for the chars/token report (default: 100)")
     p.add_argument("--max-heldout-chars", type=int, default=2_000_000,
@@ -111,29 +126,44 @@ def _replace_dir(tmp_dir: str, output_dir: str) -> None:
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+class Corpus:
+    """The training texts as a re-iterable: each pass reads the inputs again through a fresh CorpusSplit
+    (the last pass's split holds the counts and the held-out slice)."""
+
+    def __init__(self, args, paths: list[str]):
+        self.args, self.paths = args, paths
+        self.split: Optional[CorpusSplit] = None
+
+    def __iter__(self) -> Iterator[str]:
+        a = self.args
+        self.split = CorpusSplit(self.paths, a.json_key, a.heldout_every, a.max_heldout_chars, a.max_train_chars)
+        texts = self.split.train_texts()
+        return _words(texts, a.segmenter) if a.train_on_words else texts
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     paths = expand_inputs(args.input)
-    split_args = (paths, args.json_key, args.heldout_every, args.max_heldout_chars, args.max_train_chars)
-    alphabet = None
-    if args.limit_alphabet:  # one extra pass over the training text to count characters
-        alphabet = top_characters(CorpusSplit(*split_args).train_texts(), args.limit_alphabet)
-    split = CorpusSplit(*split_args)
-    texts: Iterator[str] = split.train_texts()
-    if args.train_on_words:
-        texts = _words(texts, args.segmenter)
+    corpus = Corpus(args, paths)
     start = time.time()
-    tok = train_bpe(
-        batched(texts),
-        vocab_size=args.vocab_size,
-        min_frequency=args.min_frequency,
-        max_token_length=args.max_token_length or None,
-        alphabet=alphabet,
-        show_progress=not args.quiet and sys.stderr.isatty(),
-    )
+    try:
+        alphabet = select_alphabet(corpus, args.vocab_size, args.limit_alphabet or None)
+        if corpus.split.train_docs == 0:
+            raise SystemExit(f"error: no usable text under key {args.json_key!r} in {', '.join(paths)}")
+        with warnings.catch_warnings(record=True) as caught:  # a padding warning is reported loudly below
+            warnings.simplefilter("always")
+            tok = train_bpe(corpus, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                            max_token_length=args.max_token_length or None, alphabet=alphabet,
+                            show_progress=not args.quiet and sys.stderr.isatty(), pad=args.pad_vocab)
+    except TokenizerSizeError as error:
+        raise SystemExit(f"error: {error}") from None
     seconds = time.time() - start
-    if split.train_docs == 0:
-        raise SystemExit(f"error: no usable text under key {args.json_key!r} in {', '.join(paths)}")
+    split = corpus.split
+    summary = vocabulary_summary(tok)
+    if summary["unused"]:
+        reason = "; ".join(str(w.message) for w in caught)
+        print(f"WARNING: {reason}; {summary['unused']:,} of {tok.get_vocab_size():,} entries are unused",
+              file=sys.stderr)
 
     heldout_tokens = sum(len(e.ids) for e in tok.encode_batch(split.heldout, add_special_tokens=False))
     chars_per_token = split.heldout_chars / heldout_tokens if heldout_tokens else float("nan")
@@ -151,6 +181,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "skipped": dict(sorted(split.skipped.counts.items())),
         "train_seconds": round(seconds, 2),
         "train_on_words": args.train_on_words,
+        "alphabet": summary["characters"],
+        "merges": summary["merges"],
+        "unused_entries": summary["unused"],
         "large_model_parameters": params,
         "large_model_embedding_share": round(share, 4),
     }
@@ -163,10 +196,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     _replace_dir(tmp_dir, args.output_dir)
 
     print(f"trained on {split.train_docs:,} documents, {split.train_chars:,} chars in {seconds:.1f} s")
+    if args.vocab_size != vocab:
+        print(f"note: --vocab-size {args.vocab_size} rounded down to {vocab}, a multiple of {VOCAB_MULTIPLE}")
     for line in split.skipped.summary_lines():
         print(line)
     print(f"vocabulary: {vocab:,} tokens ({vocab // VOCAB_MULTIPLE} x {VOCAB_MULTIPLE}), "
-          f"special ids [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4")
+          f"special ids [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4; {summary['characters']:,} characters, "
+          f"{summary['merges']:,} merges, {summary['unused']:,} unused")
     print(f"held-out: {len(split.heldout):,} documents, {split.heldout_chars:,} chars, "
           f"{chars_per_token:.3f} chars/token")
     print(f"large model (28 x 1024, FFN 2624) with this vocabulary: "

@@ -1,12 +1,17 @@
 """The Chinese character-level BPE tokenizer: definition, training, saving, loading.
 
-Design (paper Sec. 3.1, ../shared/DATA.md):
+Design (paper Sec. 3.1):
 - NFKC normalisation; whitespace runs, punctuation and single digits are split before BPE, so
   merges never glue a number or a punctuation mark to a word.
 - Characters are the base alphabet (not bytes). A character outside the vocabulary falls back to its
   UTF-8 bytes ``<0x..>``, which are ordinary vocabulary entries (ids 5..260) so ``decode`` keeps them.
 - Special tokens have fixed ids: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
-- The final vocabulary size is a multiple of 64 (hardware-aware: tiles of embedding/LM-head GEMMs).
+- The final vocabulary size is exactly the requested size rounded down to a multiple of 64
+  (hardware-aware: tiles of embedding/LM-head GEMMs); training never returns another size.
+- The alphabet gets at most ALPHABET_SHARE of the learned entries (size - 261), the rest go to merges:
+  when the corpus has more distinct characters, the most frequent ones are kept (ties by code point, so
+  every run keeps the same) and the rare ones become byte tokens. Without this limit a corpus with more
+  characters than the budget gives a larger vocabulary with no merges at all.
 - Decoding concatenates pieces exactly (no spaces inserted), so decode(encode(x)) == NFKC(x).
 """
 from __future__ import annotations
@@ -24,6 +29,15 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 VOCAB_MULTIPLE = 64
+RESERVED = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
+# Half of the learned entries may be characters: a 32k vocabulary keeps ~15.9k characters (far more than
+# the ~7k that cover 99.99% of Chinese text), a 4k test vocabulary ~1.9k, and merges always get the rest.
+ALPHABET_SHARE = 0.5
+UNUSED_PREFIX = "[unused"
+
+
+class TokenizerSizeError(ValueError):
+    """The requested vocabulary cannot be built as asked; the one-line message says what to pass."""
 
 
 def _configure(tok: Tokenizer) -> Tokenizer:
@@ -52,6 +66,47 @@ def _add_post_processor(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
+def target_size(vocab_size: int) -> int:
+    """The size a request gives: rounded down to a multiple of 64, with room for some learned entries."""
+    target = (vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if target <= RESERVED + VOCAB_MULTIPLE:
+        smallest = (RESERVED + VOCAB_MULTIPLE) // VOCAB_MULTIPLE * VOCAB_MULTIPLE + VOCAB_MULTIPLE
+        raise TokenizerSizeError(f"vocab_size {vocab_size} too small: pass at least {smallest} (--vocab-size)")
+    return target
+
+
+def max_alphabet(vocab_size: int) -> int:
+    """The automatic alphabet limit: ALPHABET_SHARE of the learned entries (size - special - byte tokens)."""
+    return int(ALPHABET_SHARE * (target_size(vocab_size) - RESERVED))
+
+
+def character_counts(texts: Iterable[str]) -> collections.Counter:
+    """How often each character occurs after NFKC (what the trainer sees)."""
+    counts: collections.Counter = collections.Counter()
+    for text in texts:
+        counts.update(unicodedata.normalize("NFKC", text))
+    return counts
+
+
+def top_characters(texts: Iterable[str], n: int) -> list[str]:
+    """The ``n`` most frequent characters after NFKC, ties broken by code point, so the choice is the
+    same on every run."""
+    counts = character_counts(texts)
+    return sorted(counts, key=lambda c: (-counts[c], c))[:n]
+
+
+def select_alphabet(texts: Iterable[str], vocab_size: int, limit: Optional[int] = None) -> list[str]:
+    """The base alphabet for ``vocab_size``: the ``limit`` most frequent characters (default: the
+    automatic ``max_alphabet``), all of them when the corpus has fewer. One pass over ``texts``."""
+    learned = target_size(vocab_size) - RESERVED
+    limit = max_alphabet(vocab_size) if limit is None else limit
+    if not 0 < limit < learned:
+        raise TokenizerSizeError(f"an alphabet limit of {limit} leaves no room for merges in a vocabulary of "
+                                 f"{learned + RESERVED}: pass a limit from 1 to {learned - 1} (--limit-alphabet; "
+                                 f"0 there is automatic: {max_alphabet(vocab_size)})")
+    return top_characters(texts, limit)
+
+
 def train_bpe(
     texts: Iterable[str],
     vocab_size: int = 32000,
@@ -59,81 +114,83 @@ def train_bpe(
     max_token_length: Optional[int] = 16,
     alphabet: Optional[Sequence[str]] = None,
     show_progress: bool = True,
+    pad: bool = False,
 ) -> Tokenizer:
-    """Train the tokenizer on an iterator of texts; the result has exactly a multiple of 64 entries.
+    """Train the tokenizer on texts; the result has exactly ``vocab_size`` rounded down to a multiple of
+    64 entries (special and byte tokens included), or a TokenizerSizeError says what to pass.
 
-    ``alphabet`` (from ``top_characters``) restricts the base characters; others fall back to bytes.
-    ``vocab_size`` is rounded down to a multiple of 64 and includes the special and byte tokens. A
-    corpus too small to reach it gives the largest multiple of 64 it supports (the last merges are
-    dropped), or is padded with unreachable ``[unusedN]`` entries when even that is impossible.
+    ``alphabet``: the base characters (others fall back to bytes). None chooses it automatically with
+    ``select_alphabet`` (at most ALPHABET_SHARE of the learned entries, most frequent first), which needs a
+    first pass: ``texts`` must then be re-iterable (a list, or an object whose ``__iter__`` starts over).
+    A corpus with too few pairs seen ``min_frequency`` times to reach the size raises TokenizerSizeError,
+    unless ``pad`` fills the rest with ``[unusedN]`` entries that no text can produce (with a warning).
     """
-    target = (vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    reserved = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
-    if target <= reserved + VOCAB_MULTIPLE:
-        raise ValueError(f"vocab_size {vocab_size} too small: need more than {reserved + VOCAB_MULTIPLE}")
+    target = target_size(vocab_size)
+    if alphabet is None:
+        if iter(texts) is texts:
+            raise TypeError("train_bpe chooses the alphabet in a first pass over texts: pass a re-iterable "
+                            "corpus (a list) or an explicit alphabet (select_alphabet)")
+        alphabet = select_alphabet(texts, vocab_size)
+    elif not 0 < len(alphabet) < target - RESERVED:
+        raise TokenizerSizeError(f"an alphabet of {len(alphabet)} characters leaves no room for merges in a "
+                                 f"vocabulary of {target}: pass fewer than {target - RESERVED} (--limit-alphabet)")
     tok = _configure(Tokenizer(models.BPE(unk_token="[UNK]", byte_fallback=True)))
     # The trainer's own limit_alphabet breaks frequency ties in hash-map order, so two runs can keep
-    # different characters: the caller picks the alphabet deterministically (top_characters) instead.
-    # Forced characters outrank every counted one, so limiting to their number keeps exactly them.
-    options = {"max_token_length": max_token_length,
-               "initial_alphabet": list(alphabet) if alphabet is not None else None,
-               "limit_alphabet": len(alphabet) if alphabet is not None else None}
+    # different characters: the alphabet is chosen here (deterministically) and forced. Forced characters
+    # outrank every counted one, so limiting to their number keeps exactly them.
     trainer = trainers.BpeTrainer(
         vocab_size=target - len(BYTE_TOKENS),
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         show_progress=show_progress,
-        **{k: v for k, v in options.items() if v is not None},  # the trainer rejects None
+        initial_alphabet=list(alphabet),
+        limit_alphabet=len(alphabet),
+        **({"max_token_length": max_token_length} if max_token_length else {}),  # the trainer rejects None
     )
-    tok.train_from_iterator(texts, trainer=trainer)
-    out = _with_byte_tokens_and_rounded_size(tok)
-    if out.get_vocab_size() > target:
-        warnings.warn(
-            f"the corpus has more distinct characters than vocab_size allows: the vocabulary has "
-            f"{out.get_vocab_size()} entries (asked {target}) and learned no merges; pass "
-            f"an alphabet (--limit-alphabet) so that rare characters fall back to bytes",
-            stacklevel=2,
-        )
-    return out
+    tok.train_from_iterator(batched(iter(texts)), trainer=trainer)
+    return _with_byte_tokens(tok, target, min_frequency, pad)
 
 
-def top_characters(texts: Iterable[str], n: int) -> list[str]:
-    """The ``n`` most frequent characters after NFKC, ties broken by code point, so the choice is the
-    same on every run."""
-    counts: collections.Counter = collections.Counter()
-    for text in texts:
-        counts.update(unicodedata.normalize("NFKC", text))
-    ranked = sorted(counts, key=lambda c: (-counts[c], c))
-    return ranked[:n]
+def vocabulary_summary(tok: Tokenizer) -> dict:
+    """{"characters", "merges", "unused"}: entries of each kind (besides the 5 special and 256 byte tokens)."""
+    model = json.loads(tok.to_str())["model"]
+    learned = [t for t in model["vocab"] if t not in SPECIAL_TOKENS and t not in BYTE_TOKENS]
+    unused = sum(t.startswith(UNUSED_PREFIX) for t in learned)
+    return {"characters": sum(len(t) == 1 for t in learned), "merges": len(model["merges"]), "unused": unused}
 
 
-def _with_byte_tokens_and_rounded_size(tok: Tokenizer) -> Tokenizer:
-    """Re-number the vocabulary as [specials][256 bytes][alphabet + merges] and make its size a
-    multiple of 64 by dropping the latest (least frequent) merges, whose tokens nothing else uses."""
+def _with_byte_tokens(tok: Tokenizer, target: int, min_frequency: int, pad: bool) -> Tokenizer:
+    """Re-number the vocabulary as [specials][256 bytes][alphabet + merges] and check it has `target`
+    entries; a shortfall (a corpus too small) is an error, or padding when asked."""
     spec = json.loads(tok.to_str())
     model = spec["model"]
     by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
     learned = [t for t, _ in by_id if t not in SPECIAL_TOKENS and t not in BYTE_TOKENS]
-    merges = [m if isinstance(m, list) else m.split(" ") for m in model["merges"]]
-    excess = (len(SPECIAL_TOKENS) + len(BYTE_TOKENS) + len(learned)) % VOCAB_MULTIPLE
+    reached = RESERVED + len(learned)
+    if reached > target:  # the alphabet is limited below the budget, so the trainer cannot overshoot
+        raise RuntimeError(f"the trainer returned {reached} entries for a budget of {target}")
     padding: list[str] = []
-    if excess and excess <= len(merges):
-        dropped = {"".join(pair) for pair in merges[-excess:]}
-        merges = merges[:-excess]
-        learned = [t for t in learned if t not in dropped]
-    elif excess:
+    if reached < target:
+        chars = sum(len(t) == 1 for t in learned)
+        fits = (reached // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        what = (f"the corpus supports {reached} vocabulary entries ({chars} characters + "
+                f"{len(learned) - chars} merges seen at least {min_frequency} times), not the {target} asked")
+        if not pad:
+            smaller = f"vocab_size={fits} (--vocab-size {fits}) or less, " if fits > RESERVED + VOCAB_MULTIPLE else ""
+            raise TokenizerSizeError(f"{what}: pass {smaller}more text, a lower min_frequency (--min-frequency), "
+                                     f"or pad=True (--pad-vocab) to fill the rest with unused entries")
         # "[" is split off by the pre-tokenizer, so these entries can never be produced.
-        padding = [f"[unused{i}]" for i in range(VOCAB_MULTIPLE - excess)]
+        padding = [f"{UNUSED_PREFIX}{i}]" for i in range(target - reached)]
+        warnings.warn(f"{what}: padded with {len(padding)} unused entries", stacklevel=3)
     tokens = list(SPECIAL_TOKENS) + list(BYTE_TOKENS) + learned + padding
     model["vocab"] = {t: i for i, t in enumerate(tokens)}
-    model["merges"] = merges
     spec["added_tokens"] = [
         {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": True}
         for i, t in enumerate(SPECIAL_TOKENS)
     ]
     out = _add_post_processor(Tokenizer.from_str(json.dumps(spec, ensure_ascii=False)))
-    assert out.get_vocab_size() % VOCAB_MULTIPLE == 0, out.get_vocab_size()
+    assert out.get_vocab_size() == target, (out.get_vocab_size(), target)
     return out
 
 
