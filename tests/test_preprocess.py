@@ -2,6 +2,7 @@
 determinism across workers, and no complete-looking output after an interrupted run."""
 import bisect
 import gzip
+import hashlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 
 from megatron_cmbert.data.indexed import IndexedDatasetWriter, commit_all
 from megatron_cmbert.data.segment import Segmenter
-from megatron_cmbert.data.tokenizer import load_tokenizer
+from megatron_cmbert.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from tools import preprocess_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +46,13 @@ def reference_flags(text, offsets, segmenter):
     return flags
 
 
+@pytest.fixture(scope="module")
+def small_tokenizer_dir(tmp_path_factory, inews_dev):
+    out = tmp_path_factory.mktemp("small_tok")
+    save_tokenizer(train_bpe(inews_dev[:300], vocab_size=1024, show_progress=False), str(out))
+    return str(out)
+
+
 def build(tmp_path, tokenizer_dir, texts, name="corpus", extra=()):
     src = tmp_path / f"{name}.jsonl"
     write_jsonl(src, texts)
@@ -69,6 +77,27 @@ def test_tokens_and_flags_match_the_tokenizer_and_segmenter(tmp_path, tokenizer_
     info = summary["keys"]["text"]
     assert info["documents"] == len(texts) and info["tokens"] == int(tokens.sequence_lengths.sum())
     assert info["chars"] == sum(map(len, texts))
+
+
+def test_sidecar_records_the_tokenizer_and_the_counts(tmp_path, tokenizer_dir, inews_dev, small_tokenizer_dir):
+    texts = inews_dev[:40]
+    prefix, _ = build(tmp_path, tokenizer_dir, texts)
+    meta = json.loads(open(prefix + ".meta.json", encoding="utf-8").read())
+    tok_file = os.path.join(tokenizer_dir, "tokenizer.json")
+    ids = [e.ids for e in load_tokenizer(tokenizer_dir).encode_batch(texts, add_special_tokens=False)]
+    assert meta == {"tokenizer": {"sha256": hashlib.sha256(open(tok_file, "rb").read()).hexdigest(),
+                                  "vocab_size": 8192, "path": os.path.abspath(tokenizer_dir)},
+                    "documents": 40, "tokens": sum(map(len, ids)), "max_token_id": max(map(max, ids)),
+                    "json_key": "text", "inputs": [str(tmp_path / "corpus.jsonl")],
+                    "created_by": "tools/preprocess_data.py"}
+    assert not os.path.exists(prefix + "_wordstart.meta.json")
+    # rebuilt in place with another tokenizer: the sidecar describes the new data, never the old
+    build(tmp_path, small_tokenizer_dir, texts)
+    rebuilt = json.loads(open(prefix + ".meta.json", encoding="utf-8").read())
+    small_ids = [e.ids for e in load_tokenizer(small_tokenizer_dir).encode_batch(texts, add_special_tokens=False)]
+    assert rebuilt["tokenizer"]["path"] == os.path.abspath(small_tokenizer_dir)
+    assert (rebuilt["tokenizer"]["vocab_size"], rebuilt["max_token_id"]) == (1024, max(map(max, small_ids)))
+    assert not [n for n in os.listdir(tmp_path / "out") if ".partial-" in n]
 
 
 def test_every_unit_is_a_union_of_whole_words(tmp_path, tokenizer_dir, inews_dev):

@@ -7,9 +7,11 @@ Example:
 
 For each key K it writes PREFIX_K_document.bin/.idx (token ids, one sequence per document, no special
 tokens) and PREFIX_K_document_wordstart.bin/.idx (uint8, 1 where a token starts a whole-word unit),
-both readable by megatron.core.datasets.indexed_dataset.IndexedDataset. Output is byte-identical for
-any --workers. Bad lines are skipped and counted (or stop the run with --strict). Files appear under
-their final names only after success.
+both readable by megatron.core.datasets.indexed_dataset.IndexedDataset, and a sidecar
+PREFIX_K_document.meta.json recording the tokenizer (sha256 of tokenizer.json, size, path), the document
+and token counts and the largest token id, so that training can refuse a dataset built with another
+tokenizer. Output is byte-identical for any --workers. Bad lines are skipped and counted (or stop the
+run with --strict). Files appear under their final names only after success.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Iterator, Optional
 
 from tqdm import tqdm
 
+from megatron_cmbert.data.dataset_checks import tokenizer_fingerprint
 from megatron_cmbert.data.encode import DocumentEncoder, EncodedChunk, encode_in_worker, init_worker
 from megatron_cmbert.data.indexed import IndexedDatasetWriter, commit_all, token_dtype
 from megatron_cmbert.data.jsonl import BadInputError, SkipCounter, expand_inputs, get_text, is_gzip, iter_records
@@ -115,6 +118,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from --workers
     paths = expand_inputs(args.input)
     vocab_size = load_tokenizer(args.tokenizer_model).get_vocab_size()
+    tokenizer = {**tokenizer_fingerprint(args.tokenizer_model), "path": os.path.abspath(args.tokenizer_model)}
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
 
@@ -147,6 +151,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
             progress.set_postfix(docs_per_s=f"{sum(v['documents'] for v in stats.values()) / elapsed:,.0f}")
         for w in all_writers:
             w.finalize()
+        for key, (tokens_writer, _) in writers.items():
+            tokens_writer.write_meta({
+                "tokenizer": tokenizer, "documents": tokens_writer.num_documents,
+                "tokens": tokens_writer.num_elements, "max_token_id": tokens_writer.max_value,
+                "json_key": key, "inputs": [os.path.abspath(p) for p in paths],
+                "created_by": "tools/preprocess_data.py"})
         commit_all(all_writers)
     except BaseException as exc:
         for w in all_writers:
@@ -172,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"{s['chars'] / max(s['tokens'], 1):.3f} chars/token, skipped {skipped.total:,}")
         for line in skipped.summary_lines():
             print(line)
-        print(f"[{key}] wrote {writers[key][0].prefix}.bin/.idx and {writers[key][1].prefix}.bin/.idx")
+        print(f"[{key}] wrote {writers[key][0].prefix}.bin/.idx/.meta.json and {writers[key][1].prefix}.bin/.idx")
     chars = sum(s["chars"] for s in stats.values())
     print(f"done in {seconds:.1f} s: {chars / max(seconds, 1e-9):,.0f} chars/s, "
           f"{total_bytes / max(seconds, 1e-9) / 1e6:.1f} MB/s with {args.workers} worker(s)")

@@ -7,9 +7,11 @@ spilled to a side file, so memory stays flat however large the corpus is.
 
 Nothing appears under the final names until ``commit_all`` renames the finished temporary files;
 an interrupted run leaves only ``*.partial-<pid>`` files, never a complete-looking ``.bin``/``.idx``.
+A writer may carry a JSON sidecar (``<prefix>.meta.json``, see ``write_meta``), committed with its files.
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 from typing import Sequence
@@ -39,10 +41,13 @@ class IndexedDatasetWriter:
         self.bin_tmp = prefix + ".bin" + suffix
         self.idx_tmp = prefix + ".idx" + suffix
         self.len_tmp = prefix + ".lengths" + suffix
+        self.meta_tmp = prefix + ".meta.json" + suffix
+        self.has_meta = False
         self._bin = open(self.bin_tmp, "wb")
         self._lengths = open(self.len_tmp, "wb")
         self.num_documents = 0
         self.num_elements = 0
+        self.max_value = None  # largest value written (None while empty): recorded in the sidecar
 
     def add_documents(self, values: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as one flat array and the length of each document."""
@@ -54,6 +59,17 @@ class IndexedDatasetWriter:
         self._lengths.write(lengths.tobytes())
         self.num_documents += lengths.size
         self.num_elements += values.size
+        if values.size:
+            top = int(values.max())
+            self.max_value = top if self.max_value is None else max(self.max_value, top)
+
+    def write_meta(self, meta: dict) -> None:
+        """Write the sidecar ``<prefix>.meta.json`` under a temporary name; commit_all moves it in place
+        together with the data, before the ``.idx`` that makes the dataset look complete."""
+        with open(self.meta_tmp, "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, ensure_ascii=False, indent=2)
+            fh.write("\n")
+        self.has_meta = True
 
     def finalize(self) -> None:
         """Close the data file and write the index, still under temporary names."""
@@ -84,7 +100,7 @@ class IndexedDatasetWriter:
         """Close and delete every temporary file (safe to call twice)."""
         for fh in (self._bin, self._lengths):
             fh.close()
-        for path in (self.bin_tmp, self.idx_tmp, self.len_tmp):
+        for path in (self.bin_tmp, self.idx_tmp, self.len_tmp, self.meta_tmp):
             if os.path.exists(path):
                 os.remove(path)
 
@@ -92,13 +108,17 @@ class IndexedDatasetWriter:
 def commit_all(writers: Sequence[IndexedDatasetWriter]) -> None:
     """Move finalized writers to their final names.
 
-    Old final ``.idx`` files are removed first and every ``.idx`` is renamed after every ``.bin``, so at
-    any instant each final ``.bin``/``.idx`` pair is either absent, incomplete (no ``.idx``), or new.
+    Old final ``.idx`` files (and sidecars) are removed first, and every ``.idx`` is renamed after every
+    ``.bin`` and sidecar, so at any instant each final ``.bin``/``.idx`` pair is either absent, incomplete
+    (no ``.idx``), or new with its new sidecar: a stale sidecar never describes new data.
     """
     for w in writers:
-        if os.path.exists(w.prefix + ".idx"):
-            os.remove(w.prefix + ".idx")
+        for old in (w.prefix + ".idx", w.prefix + ".meta.json"):
+            if os.path.exists(old):
+                os.remove(old)
     for w in writers:
         os.replace(w.bin_tmp, w.prefix + ".bin")
+        if w.has_meta:
+            os.replace(w.meta_tmp, w.prefix + ".meta.json")
     for w in writers:
         os.replace(w.idx_tmp, w.prefix + ".idx")
