@@ -152,6 +152,17 @@ def test_train_tokenizer_tool(tmp_path, inews_train, capsys):
     assert "rounded down to 4096" in out
 
 
+def test_train_tokenizer_help_explains_the_size_rule(capsys):
+    from tools import train_tokenizer
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_tokenizer.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    assert "exactly --vocab-size entries" in out and "at most 50% of the learned entries" in out
+    assert "15,869 for 32000" in out and "--pad-vocab" in out
+
+
 def test_train_tokenizer_tool_refuses_a_size_the_corpus_cannot_reach(tmp_path, capsys):
     from tools import train_tokenizer
 

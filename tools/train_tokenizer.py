@@ -46,7 +46,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--limit-alphabet", type=int, default=0,
                    help="keep only the N most frequent characters as base alphabet (ties by code point, so "
                         "runs agree); rarer ones fall back to bytes; 0 = automatic: at most "
-                        f"{ALPHABET_SHARE:.0%} of the learned entries (vocab size - 261), e.g. "
+                        f"{ALPHABET_SHARE * 100:.0f}%% of the learned entries (vocab size - 261), e.g. "
                         f"{max_alphabet(32000):,} for 32000 (default: 0)")
     p.add_argument("--pad-vocab", action="store_true",
                    help="when the corpus is too small to reach --vocab-size, fill the rest with unused "
