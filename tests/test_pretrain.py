@@ -4,6 +4,7 @@ and under torchrun) saves and exits 0, and the resumed run matches an uninterrup
 checkpoint at TP=1; non-finite losses stop or skip. Every launch has a timeout."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -164,6 +165,8 @@ def test_sigterm_saves_and_the_resumed_run_matches(setup, procs):
     stopped = rows(metrics)[-1]["step"]
     assert 3 <= stopped < 12
     assert f"saved step {stopped}; resume with: " in out and "Traceback" not in err
+    printed = shlex.split(out.split("resume with: ", 1)[1].splitlines()[0])  # the command it suggests
+    assert printed[printed.index("tools/pretrain.py") + 1:] == args + ["--load", str(ckpt)]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
     resumed, res = run(args + ["--load", str(ckpt), "--exit-interval", "12", "--keep-last", "1"], root,
                        f"sigterm{procs}", procs=procs)
