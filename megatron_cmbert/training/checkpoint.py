@@ -1,4 +1,5 @@
-"""Checkpoints through megatron-core ``dist_checkpointing``: sharded, reshardable across TP sizes, atomic.
+"""Checkpoints through megatron-core ``dist_checkpointing``: sharded, reshardable across TP sizes, atomic,
+verified before loading, with a fallback to the previous complete checkpoint.
 
 Layout of ``--save DIR``::
 
@@ -11,20 +12,40 @@ loaded, and the marker still names the previous checkpoint.
 
 Every TP-split parameter (and its Adam moments) is stored as one logical tensor sliced along its
 ``partition_dim``, so a checkpoint saved at TP=2 loads at TP=1 or TP=4.
+
+What a checkpoint holds (torch_dist format, megatron-core 0.16): ``metadata.json`` (which backend wrote it),
+``.metadata`` (torch.distributed.checkpoint ``Metadata``, pickled: ``storage_data`` maps every stored item
+to a data file, a byte offset and a length), the data files ``__R_K.distcp`` it names, ``common.pt`` (the
+non-tensor state: ``train_state``, optimizer step counts, world size; a torch.save'd dict), and
+``config.json`` / ``tokenizer/`` from the trainer. ``verify_checkpoint`` checks all of that from the
+filesystem alone (no collectives, same answer on every rank), so a damaged checkpoint is named before the
+collective load starts; failures are ``CheckpointError`` with one line naming the file and the reason.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
-import signal
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 LATEST = "latest_checkpointed_iteration.txt"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file (FileSystemWriter's name for it)
+COMMON = "common.pt"        # megatron-core's non-sharded state (dist_checkpointing.strategies.common)
+_ITER = re.compile(r"iter_(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message (one line) names the file and what is wrong."""
+
+
+class NoCheckpointError(CheckpointError):
+    """A directory holds no complete checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -86,14 +107,227 @@ def sharded_state_dict(model, optimizer, ranks: Ranks, train_state: Optional[dic
     return state
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (library errors can span pages)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+def _describe_load_error(exc: BaseException) -> str:
+    """torch.distributed.checkpoint reports a rank's failure as a multi-page CheckpointException: keep the
+    first failing rank's own exception."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, pair = sorted(failures.items(), key=lambda kv: kv[0])[0]
+        inner = getattr(pair, "exception", None) or (pair[0] if isinstance(pair, tuple) else pair)
+        return f"rank {rank}: {_one_line(inner)}"
+    return _one_line(exc)
+
+
+def _agree(error: Optional[str]) -> Optional[str]:
+    """Every rank's view of one outcome -> the same answer everywhere: the first failing rank's message,
+    or None when every rank succeeded. A no-op without a process group of more than one rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return error
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, error)
+    return next((e for e in gathered if e), None)
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
+# -- listing and resolving (filesystem only: usable before distributed set-up) ----------------------------
+def read_marker(save_dir: str) -> Optional[int]:
+    """The step in ``save_dir``'s latest marker; None when there is no marker; CheckpointError when it is
+    unreadable, empty or not a step number."""
+    marker = os.path.join(save_dir, LATEST)
+    if not os.path.lexists(marker):
+        return None
+    try:
+        with open(marker, encoding="utf-8", errors="replace") as fh:
+            text = fh.read().strip()
+    except OSError as exc:
+        raise CheckpointError(f"{marker}: unreadable ({_one_line(exc)})") from exc
+    if not text:
+        raise CheckpointError(f"{marker}: empty (it should hold the step of the newest checkpoint)")
+    if not text.isdigit():
+        raise CheckpointError(f"{marker}: {text[:40]!r} is not a step number")
+    return int(text)
+
+
+def list_checkpoints(save_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in ``save_dir`` as (step, path), ascending. Only ``iter_N`` directories count:
+    ``.tmp`` (a save in progress or torn) and ``.old`` (set aside or being deleted) never do."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = []
+    for name in os.listdir(save_dir):
+        match = _ITER.fullmatch(name)
+        path = os.path.join(save_dir, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_load(load_path: str, warn: Optional[Callable[[str], None]] = None) -> list[str]:
+    """Checkpoints to try for ``--load load_path``, newest first.
+
+    An ``iter_N`` directory (or any directory holding ``metadata.json``) is exactly that checkpoint, with no
+    fallback. A save directory gives its complete checkpoints, newest first, starting at the one its marker
+    names; when the marker is missing, unreadable or names a missing directory, every complete checkpoint
+    is a candidate and ``warn`` (if given) is told why.
+    """
+    if not os.path.isdir(load_path):
+        what = "not a directory" if os.path.exists(load_path) else "does not exist"
+        raise NoCheckpointError(f"{load_path}: {what}")
+    name = os.path.basename(os.path.normpath(load_path))
+    if name.endswith((".tmp", ".old")) and _ITER.fullmatch(name.rsplit(".", 1)[0]):
+        raise CheckpointError(f"{load_path}: an unfinished or discarded save ({name.rsplit('.', 1)[1]}), "
+                              f"never loaded; use its parent directory to load the newest complete checkpoint")
+    if _ITER.fullmatch(name) or os.path.isfile(os.path.join(load_path, "metadata.json")):
+        return [load_path]
+    found = list_checkpoints(load_path)
+    newest_first = [path for _, path in reversed(found)]
+    problem = None
+    try:
+        step = read_marker(load_path)
+    except CheckpointError as exc:
+        problem = str(exc)
+    else:
+        marker = os.path.join(load_path, LATEST)
+        if step is None:
+            problem = f"{marker}: missing" if found else None
+        elif step not in dict(found):
+            problem = f"{marker}: names step {step} but {os.path.join(load_path, f'iter_{step:07d}')} is missing"
+        else:  # newer directories were never marked complete by a finished save
+            newest_first = [path for s, path in reversed(found) if s <= step]
+    if not newest_first:
+        raise NoCheckpointError(f"{load_path}: no complete checkpoint (iter_NNNNNNN directory)"
+                                + (f"; {problem}" if problem else ""))
+    if problem and warn:
+        warn(f"warning: {problem}; trying the newest complete checkpoint {newest_first[0]}")
+    return newest_first
+
+
+def find_checkpoint(load_dir: str) -> Optional[str]:
+    """The first candidate of ``resolve_load`` (no verification, no fallback), or None when there is none.
+    Prefer ``load_latest``."""
+    try:
+        return resolve_load(load_dir)[0]
+    except NoCheckpointError:
+        return None
+
+
+# -- reading and verifying (filesystem only, deterministic) ------------------------------------------------
+def _read_json(path: str, what: str):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing ({what})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable {what} ({_one_line(exc)})") from exc
+
+
+def _read_common(path: str) -> dict:
+    file = os.path.join(path, COMMON)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: missing (the checkpoint's common state)")
+    try:  # weights_only=True, as megatron-core loads it
+        common = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types (zip, pickle, EOF) for one cause: bad bytes
+        raise CheckpointError(f"{file}: unreadable ({_one_line(exc)})") from exc
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{file}: holds a {type(common).__name__}, expected a dict")
+    return common
+
+
+def _read_dcp_index(path: str):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = os.path.join(path, DCP_METADATA)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: missing (the index of the tensor data files)")
+    try:
+        with open(file, "rb") as fh:
+            index = pickle.load(fh)  # the same load torch.distributed.checkpoint does
+    except Exception as exc:  # truncated/garbled pickle: EOFError, UnpicklingError, ...
+        raise CheckpointError(f"{file}: unreadable ({_one_line(exc)})") from exc
+    if not isinstance(index, Metadata) or not isinstance(index.storage_data, dict):
+        raise CheckpointError(f"{file}: holds a {type(index).__name__}, not a torch.distributed.checkpoint Metadata")
+    return index
+
+
+def verify_checkpoint(path: str) -> None:
+    """Check ``path`` without collectives or loading tensors: metadata.json names the torch_dist backend,
+    ``.metadata`` unpickles, every data file it references exists and is long enough, ``common.pt`` loads
+    and holds a dict, and config.json / tokenizer/tokenizer.json parse when present. Raises CheckpointError."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: missing (not a directory)")
+    backend = _read_json(os.path.join(path, "metadata.json"), "dist_checkpointing's format record")
+    if not isinstance(backend, dict) or backend.get("sharded_backend") != "torch_dist":
+        found = backend.get("sharded_backend") if isinstance(backend, dict) else backend
+        raise CheckpointError(f"{os.path.join(path, 'metadata.json')}: sharded backend {found!r}, "
+                              f"expected 'torch_dist' (the format this code writes)")
+    index = _read_dcp_index(path)
+    needed: dict[str, int] = {}  # data file -> bytes the index says it holds at least
+    for info in index.storage_data.values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for relative, end in sorted(needed.items()):
+        file = os.path.join(path, relative)
+        try:
+            size = os.path.getsize(file)
+        except OSError:
+            raise CheckpointError(f"{file}: missing (listed in {DCP_METADATA})") from None
+        if size < end:
+            raise CheckpointError(f"{file}: truncated ({size:,} bytes; {DCP_METADATA} needs {end:,})")
+    _read_common(path)
+    if os.path.exists(os.path.join(path, "config.json")):
+        read_checkpoint_config(path)
+    tokenizer = os.path.join(path, "tokenizer")
+    if os.path.isdir(tokenizer):
+        _read_json(os.path.join(tokenizer, "tokenizer.json"), "tokenizer")
+
+
+def read_checkpoint_config(path: str) -> dict:
+    """The checkpoint's config.json (model config, train config, flags) as written by the trainer."""
+    config = _read_json(os.path.join(path, "config.json"), "the run's configuration")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: holds a {type(config).__name__}, expected an object")
+    return config
+
+
+def read_train_state(path: str) -> dict:
+    """The train_state saved with the checkpoint (step, consumed samples, ...), read without a model."""
+    state = _read_common(path).get("train_state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{os.path.join(path, COMMON)}: holds no train_state")
+    return dict(state)
+
+
+# -- save ----------------------------------------------------------------------------------------------------
+def _delete_older(save_dir: str, step: int, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints up to ``step`` (``step``'s own included); delete
+    older ones. A directory is renamed to ``.old`` first, so a kill mid-delete never leaves a half-deleted
+    ``iter_N`` that looks complete. Checkpoints newer than ``step`` (another run's) are left alone."""
+    older = [path for s, path in list_checkpoints(save_dir) if s < step]
+    for path in older[:max(len(older) - (keep_last - 1), 0)]:
+        doomed = path + ".old"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, train_state: dict,
-                    extra_files: Optional[dict] = None, tokenizer_dir: Optional[str] = None) -> str:
-    """Write ``save_dir/iter_{step}`` atomically (see module docstring); returns its path."""
+                    extra_files: Optional[dict] = None, tokenizer_dir: Optional[str] = None,
+                    keep_last: int = 0) -> str:
+    """Write ``save_dir/iter_{step}`` atomically (see module docstring); returns its path. With
+    ``keep_last`` > 0, older complete checkpoints beyond the newest ``keep_last`` are deleted once the new
+    one and the marker are in place (nothing is deleted when the save fails)."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(save_dir, f"iter_{step:07d}")
@@ -103,10 +337,6 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, tr
         os.makedirs(tmp)
     _barrier()
     dist_checkpointing.save(sharded_state_dict(model, optimizer, ranks, train_state), tmp)
-    if os.environ.get("CMBERT_TEST_KILL_IN_SAVE") == str(step):
-        # Fault injection for the torn-save test: the whole process group dies at once, as under a
-        # node failure (the checkpoint writer's helper processes included). Tests run it in its own session.
-        os.killpg(os.getpgrp(), signal.SIGKILL)
     if ranks.rank == 0:
         for name, content in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
@@ -125,34 +355,22 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, tr
         with open(marker + ".tmp", "w") as fh:
             fh.write(f"{step}\n")
         os.replace(marker + ".tmp", marker)
+        if keep_last > 0:
+            _delete_older(save_dir, step, keep_last)
     _barrier()
     return final
 
 
-def find_checkpoint(load_dir: str) -> Optional[str]:
-    """The checkpoint named by ``load_dir/latest...`` or ``load_dir`` itself when it is one; None if none."""
-    marker = os.path.join(load_dir, LATEST)
-    if os.path.isfile(marker):
-        with open(marker) as fh:
-            step = int(fh.read().strip())
-        path = os.path.join(load_dir, f"iter_{step:07d}")
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{marker} names step {step} but {path} is missing")
-        return path
-    if os.path.isfile(os.path.join(load_dir, "metadata.json")):
-        return load_dir
-    return None
-
-
-def load_checkpoint(path: str, model, optimizer, ranks: Ranks) -> dict:
-    """Fill the model (and the optimizer when given) from ``path``; returns the saved train_state."""
-    from megatron.core import dist_checkpointing
-
+# -- load ----------------------------------------------------------------------------------------------------
+def _request(path: str, model, optimizer, ranks: Ranks) -> tuple[dict, bool]:
     request = sharded_state_dict(model, optimizer, ranks)
-    same_world = dist_checkpointing.load_common_state_dict(path).get("world_size") == ranks.world
+    same_world = _read_common(path).get("world_size") == ranks.world
     if not same_world:
         request.pop("rng")  # saved by another number of ranks: nothing to map it onto
-    loaded = dist_checkpointing.load(request, path)
+    return request, same_world
+
+
+def _fill(loaded: dict, model, optimizer, same_world: bool) -> dict:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(loaded[f"model.{name}"])
@@ -167,3 +385,85 @@ def load_checkpoint(path: str, model, optimizer, ranks: Ranks) -> dict:
     if same_world:
         torch.set_rng_state(loaded["rng"]["torch"])
     return dict(loaded.get("train_state") or {})
+
+
+def _agreed(path: str, phase):
+    """Run one phase of a load; when it fails on any rank, every rank raises the same CheckpointError."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    error, cause, result = None, None, None
+    try:
+        result = phase()
+    except CheckpointError as exc:
+        error, cause = str(exc), exc
+    except (Exception, CheckpointException) as exc:
+        error, cause = f"{path}: cannot load ({_describe_load_error(exc)})", exc
+    error = _agree(error)
+    if error:
+        raise CheckpointError(error) from cause
+    return result
+
+
+def load_checkpoint(path: str, model, optimizer, ranks: Ranks) -> dict:
+    """Fill the model (and the optimizer when given) from ``path``; returns the saved train_state.
+
+    Collective. Three phases, each agreed by every rank before the next, so a rank that fails alone never
+    leaves the others waiting inside a collective: preparing the request (local), the read (collective;
+    torch.distributed.checkpoint gathers every rank's read failures itself and raises on all ranks), and
+    filling the live tensors (local). A failure anywhere raises the same CheckpointError on every rank."""
+    from megatron.core import dist_checkpointing
+
+    request, same_world = _agreed(path, lambda: _request(path, model, optimizer, ranks))
+    loaded = _agreed(path, lambda: dist_checkpointing.load(request, path))
+    return _agreed(path, lambda: _fill(loaded, model, optimizer, same_world))
+
+
+def load_latest(load_path: str, model, optimizer, ranks: Ranks,
+                warn: Callable[[str], None] = print) -> tuple[str, dict]:
+    """Load the newest usable checkpoint of ``resolve_load(load_path)``; returns (path, train_state).
+
+    Each candidate is verified (filesystem only), the ranks agree on the outcome, then it is loaded
+    collectively. A candidate that fails either way is skipped with ``warn`` and the next older one tried;
+    every rank takes the same decision because both outcomes are agreed over all ranks. Trying the next
+    one after a failed load is safe: a successful load overwrites every parameter, moment, step count and
+    RNG state, so nothing a failed attempt left half-filled survives. Raises the last CheckpointError (or
+    NoCheckpointError) when no candidate loads."""
+    notes: list[str] = []
+    candidates, error = [], None
+    try:
+        candidates = resolve_load(load_path, warn=notes.append)
+    except CheckpointError as exc:
+        error = f"{type(exc).__name__}\t{exc}"
+    views = [(error, candidates)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        views = [None] * dist.get_world_size()
+        dist.all_gather_object(views, (error, candidates))
+    error = next((e for e, _ in views if e), None)
+    if error:
+        kind, message = error.split("\t", 1)
+        raise (NoCheckpointError if kind == NoCheckpointError.__name__ else CheckpointError)(message)
+    if any(c != candidates for _, c in views):
+        raise CheckpointError(f"{load_path}: the ranks see different checkpoints there "
+                              f"({views[0][1][:1]} on rank 0); is it on a filesystem every rank shares?")
+    for note in notes:
+        warn(note)
+    last = None
+    for i, path in enumerate(candidates):
+        try:
+            reason = None
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            reason = str(exc)
+        except Exception as exc:  # anything else must still reach the agreement below, or the peers hang
+            reason = f"{path}: cannot verify ({_one_line(exc)})"
+        reason = _agree(reason)
+        if reason is None:
+            try:
+                return path, load_checkpoint(path, model, optimizer, ranks)
+            except CheckpointError as exc:  # already agreed by every rank
+                reason = str(exc)
+        last = CheckpointError(reason)
+        after = (f"falling back to {candidates[i + 1]}" if i + 1 < len(candidates)
+                 else "no older checkpoint to fall back to")
+        warn(f"warning: skipping {path}: {reason}; {after}")
+    raise last
