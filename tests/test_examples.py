@@ -5,6 +5,7 @@ before its time limit."""
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -97,3 +98,15 @@ def test_slurm_file_asks_for_a_signal_before_the_limit_and_requeues():
 def test_bad_values_are_refused_before_launch(fake_cluster, change, message):
     res = launch("pretrain_stage1_1k.sh", {**fake_cluster, **change})
     assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_without_dry_run_the_checks_run_before_torchrun(fake_cluster):
+    """The fake cluster's tokenizer.json is not a tokenizer: tools/pretrain.py --check-only (run by the
+    script for the whole world) stops the launch with its one line and exit 2, before torchrun starts."""
+    env = {k: v for k, v in fake_cluster.items() if k != "DRY_RUN"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    res = launch("pretrain_stage1_1k.sh", env)
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --tokenizer-model {env['TOKENIZER']}: tokenizer.json "
+                                                   f"does not load ("), res.stderr

@@ -92,6 +92,15 @@ def test_dataset_built_with_another_tokenizer(setup, capsys, monkeypatch):
     assert "news_text_document" in line and "tokenizer" in line
 
 
+def test_a_tokenizer_dir_that_does_not_load(setup, capsys, monkeypatch, tmp_path):
+    _, common, _ = setup
+    line = refused(with_flag(common, "--tokenizer-model", str(tmp_path)), capsys, monkeypatch)
+    assert f"--tokenizer-model {tmp_path}: no tokenizer.json there" in line
+    (tmp_path / "tokenizer.json").write_text("{}")
+    line = refused(with_flag(common, "--tokenizer-model", str(tmp_path)), capsys, monkeypatch)
+    assert f"--tokenizer-model {tmp_path}: tokenizer.json does not load" in line
+
+
 @pytest.mark.parametrize("change,world,message", [
     ({"--micro-batch-size": "4"}, 4, "--global-batch-size 8 must be a multiple of --micro-batch-size 4 x data-parallel size 4"),
     ({"--micro-batch-size": "3"}, None, "--global-batch-size 8 must be a multiple of --micro-batch-size 3"),

@@ -96,11 +96,16 @@ def check_launch(cfg: TrainConfig, world: int):
     if not os.path.isfile(os.path.join(data.tokenizer_model, "tokenizer.json")):
         raise ConfigError(f"--tokenizer-model {data.tokenizer_model}: no tokenizer.json there "
                           f"(build one with tools/train_tokenizer.py)")
+    try:
+        vocab = load_tokenizer(data.tokenizer_model).get_vocab_size()
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a malformed file
+        raise ConfigError(f"--tokenizer-model {data.tokenizer_model}: tokenizer.json does not load "
+                          f"({' '.join(str(exc).split())})") from None
     for prefix in prefixes:
         check_data_prefix(prefix)
     for prefix in prefixes:
         check_dataset_tokenizer(prefix, data.tokenizer_model)
-    model = cfg.model.resolve(load_tokenizer(data.tokenizer_model).get_vocab_size())
+    model = cfg.model.resolve(vocab)
     try:
         model.validate_parallel(tp)
     except ValueError as exc:
