@@ -386,7 +386,8 @@ def check_resume(train_state: dict, cfg: TrainConfig, path: str) -> None:
     saved = train_state.get("schedule")
     if saved is not None and not cfg.checkpoint.override_schedule:
         now = dataclasses.asdict(cfg.schedule)
-        changed = [f"{flag_name(k)} {now[k]} (checkpoint: {saved.get(k)})" for k in now if saved.get(k) != now[k]]
+        # fields the checkpoint predates are not compared (a later default must not block old resumes)
+        changed = [f"{flag_name(k)} {now[k]} (checkpoint: {saved[k]})" for k in now if k in saved and saved[k] != now[k]]
         if changed:
             raise ResumeError(f"{path} was trained with another schedule: {', '.join(changed)}; the LR and masking "
                               f"curves would change mid-run; pass --override-schedule to accept that")
