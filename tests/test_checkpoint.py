@@ -4,7 +4,8 @@ In-process tests use a gloo world of one and the tiny model: every way users dam
 one-line CheckpointError naming the file, and load_latest falls back to the earlier checkpoint, whose
 parameters (kept aside in memory when it was saved) are what ends up in the model. The torn-save test
 kills a real tools/pretrain.py run (tests/dist/kill_in_save.py) and resumes it, comparing with an
-uninterrupted run; the two-rank test checks that the ranks agree when only one of them sees a failure.
+uninterrupted run, then damages the newest checkpoint and checks that tools/pretrain.py falls back and
+redoes the same steps; the two-rank test checks that the ranks agree when only one of them sees a failure.
 """
 import json
 import os
@@ -324,6 +325,12 @@ def test_resume_after_a_kill_during_a_save(corpus):
     assert [r["step"] for r in straight] == list(range(1, 13))
     assert [tuple(r[k] for k in keys) for r in resumed] == [tuple(r[k] for k in keys) for r in straight[5:]]
     assert ckpt.read_marker(str(save)) == 12 and ckpt.read_train_state(str(save / "iter_0000012"))["step"] == 12
+    # the newest checkpoint damaged: the run says so, falls back to step 10 and redoes 11-12 identically
+    newest = save / "iter_0000012"
+    os.truncate(newest / _data_files(newest)[0], 0)
+    redone, res = _launch(pretrain + common + ["--save", str(save), "--load", str(save)], root, "fell_back")
+    assert f"skipping {newest}: {newest / _data_files(newest)[0]}: truncated (0 bytes" in res.stdout + res.stderr
+    assert [tuple(r[k] for k in keys) for r in redone] == [tuple(r[k] for k in keys) for r in straight[10:]]
 
 
 @pytest.mark.slow
