@@ -109,8 +109,8 @@ def sharded_state_dict(model, optimizer, ranks: Ranks, train_state: Optional[dic
 
 def _one_line(exc: BaseException) -> str:
     """``Type: first line of the message`` (library errors can span pages)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def _describe_load_error(exc: BaseException) -> str:
@@ -429,28 +429,29 @@ def load_latest(load_path: str, model, optimizer, ranks: Ranks,
     RNG state, so nothing a failed attempt left half-filled survives. Raises the last CheckpointError (or
     NoCheckpointError) when no candidate loads."""
     notes: list[str] = []
-    candidates, error = [], None
+    candidates, error = [], None  # error: (NoCheckpointError or not, message)
     try:
         candidates = resolve_load(load_path, warn=notes.append)
     except CheckpointError as exc:
-        error = f"{type(exc).__name__}\t{exc}"
+        error = (isinstance(exc, NoCheckpointError), str(exc))
     views = [(error, candidates)]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         views = [None] * dist.get_world_size()
         dist.all_gather_object(views, (error, candidates))
     error = next((e for e, _ in views if e), None)
     if error:
-        kind, message = error.split("\t", 1)
-        raise (NoCheckpointError if kind == NoCheckpointError.__name__ else CheckpointError)(message)
-    if any(c != candidates for _, c in views):
-        raise CheckpointError(f"{load_path}: the ranks see different checkpoints there "
-                              f"({views[0][1][:1]} on rank 0); is it on a filesystem every rank shares?")
+        raise (NoCheckpointError if error[0] else CheckpointError)(error[1])
+    other = next((r for r, (_, c) in enumerate(views) if c != views[0][1]), None)
+    if other is not None:
+        raise CheckpointError(f"{load_path}: the ranks see different checkpoints there (rank 0 would load "
+                              f"{views[0][1][0]}, rank {other} {views[other][1][0]}); is it on a filesystem "
+                              f"every rank shares?")
     for note in notes:
         warn(note)
     last = None
     for i, path in enumerate(candidates):
+        reason = None
         try:
-            reason = None
             verify_checkpoint(path)
         except CheckpointError as exc:
             reason = str(exc)
