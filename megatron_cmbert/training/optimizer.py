@@ -21,9 +21,10 @@ rule reads ndim, megatron-core's sharded layers and Transformer Engine's fused n
 as the plain TP=1 model. `param_groups(..., decay_embeddings=False)` keeps embeddings undecayed (ablation).
 
 Tensor parallelism: a parameter marked `tensor_model_parallel = True` (megatron-core's attribute) is a
-shard, so the sum of g^2/max(v, eps^2) and the element count are all-reduced over `tp_group` before taking the mean; replicated tensors use their local mean. All sharded
-tensors share ONE all-reduce per step. clip_grad_norm counts sharded grads across the group and replicated
-grads once. Gradients must already be reduced over data parallelism (DDP does it).
+shard, so the sum of g^2/max(v, eps^2) and the element count are all-reduced over `tp_group` before
+taking the mean; replicated tensors use their local mean. All sharded tensors share ONE all-reduce per
+step. clip_grad_norm counts sharded grads across the group and replicated grads once. Gradients must
+already be reduced over data parallelism (DDP does it).
 """
 from __future__ import annotations
 
