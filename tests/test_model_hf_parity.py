@@ -118,3 +118,19 @@ def test_fused_layouts_by_hand():
 def test_rmsnorm_models_refuse_the_stock_hf_config():
     with pytest.raises(ValueError, match="only bias-free LayerNorm"):
         hf_config_kwargs(get_preset("tiny"))
+
+
+def test_config_from_hf_reads_both_spellings():
+    from megatron_cmbert.model.hf_keymap import model_config_from_hf
+
+    config = get_preset("tiny", vocab_size=640, normalization="LayerNorm", global_attn_every_n_layers=2)
+    # transformers' own serialisation (5.x drops the 4.x keys) and our config.json (both key sets)
+    v5 = transformers.ModernBertConfig(**hf_config_kwargs(config)).to_dict()
+    for hf in (v5, hf_config_kwargs(config)):
+        back = model_config_from_hf(hf)
+        assert back.replace(name=config.name) == config
+    stock_large = dict(hf_config_kwargs(get_preset("large", normalization="LayerNorm")), global_rope_theta=160_000.0)
+    del stock_large["rope_parameters"], stock_large["layer_types"]  # a 4.x config.json
+    assert model_config_from_hf(stock_large).global_rope_theta == 160_000.0
+    with pytest.raises(ValueError, match="attention_bias"):
+        model_config_from_hf(dict(v5, attention_bias=True))

@@ -5,7 +5,7 @@ Key names are the same as HF's except `decoder_bias` -> `decoder.bias`; two weig
   mlp.Wi:    ours per channel [input_c; gate_c]   <-> HF [all inputs; all gates] (inputs go through GELU)
 and our vocabulary padding rows are dropped (to_hf) or zero-filled (from_hf). HF's `decoder.weight` is tied
 to `model.embeddings.tok_embeddings.weight` and is not written.
-See ../shared/SPEC-MODERNBERT.md; the coming HF converter reuses this module.
+See docs/HF.md; megatron_cmbert/hf/ (the converters) uses this module.
 """
 from __future__ import annotations
 
@@ -92,12 +92,18 @@ def from_hf(hf_state_dict: dict, config: ModelConfig, tensor_parallel_size: int 
 
 
 def hf_config_kwargs(config: ModelConfig) -> dict:
-    """Arguments for transformers.ModernBertConfig (and config.json). Both the transformers 5 RoPE keys
-    (`rope_parameters`, `layer_types`) and the 4.x keys are written: 4.57 reading only the v5 keys silently
-    resets the global theta to 160,000."""
+    """Arguments for the stock transformers.ModernBertConfig (LayerNorm models only; RMSNorm models export
+    as remote code with `modernbert_config_dict`)."""
     if config.normalization != "LayerNorm":
         raise ValueError("the stock HF ModernBERT class has only bias-free LayerNorm; RMSNorm models need "
                          "the self-contained remote-code export")
+    return modernbert_config_dict(config)
+
+
+def modernbert_config_dict(config: ModelConfig) -> dict:
+    """ModernBERT config.json fields of any of our models (the norm type aside). Both the transformers 5 RoPE
+    keys (`rope_parameters`, `layer_types`) and the 4.x keys are written: 4.57 reading only the v5 keys
+    silently resets the global theta to 160,000, and 5.x prefers `rope_parameters` when both are there."""
     if config.global_attn_every_n_layers == 0:
         raise ValueError("HF ModernBERT always makes layer 0 global; global_attn_every_n_layers=0 has no "
                          "HF equivalent")
@@ -121,3 +127,36 @@ def hf_config_kwargs(config: ModelConfig) -> dict:
             "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_theta},
         },
     }
+
+
+def model_config_from_hf(hf: dict, normalization: str = "LayerNorm", name: str = "hf") -> ModelConfig:
+    """A ModernBERT config.json dict (transformers 4 or 5 spelling) -> our ModelConfig. Fails on what our
+    encoder cannot express (biases, a non-GELU activation, a layer pattern other than every n-th global)."""
+    for key in ("norm_bias", "attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ValueError(f"{key}=true: this encoder has no biases in the body")
+    if not hf.get("decoder_bias", True):
+        raise ValueError("decoder_bias=false: this MLM head always has a decoder bias")
+    if hf.get("hidden_activation", "gelu") != "gelu":
+        raise ValueError(f"hidden_activation {hf.get('hidden_activation')!r}: only exact GELU ('gelu') is supported")
+    layers = hf["num_hidden_layers"]
+    every = hf.get("global_attn_every_n_layers")
+    if every is None:  # 5.x spelling: recover n from layer_types
+        types = hf.get("layer_types") or []
+        every = next((i for i, t in enumerate(types) if i and t == "full_attention"), layers) if types else 3
+    rope = hf.get("rope_parameters") or {}
+    config = ModelConfig(
+        name=name, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=layers,
+        num_attention_heads=hf["num_attention_heads"], ffn_hidden_size=hf["intermediate_size"],
+        global_attn_every_n_layers=every, local_attention=hf.get("local_attention", 128),
+        global_rope_theta=float(rope.get("full_attention", {}).get("rope_theta", hf.get("global_rope_theta", 160_000.0))),
+        local_rope_theta=float(rope.get("sliding_attention", {}).get("rope_theta", hf.get("local_rope_theta", 10_000.0))),
+        normalization=normalization, norm_eps=hf.get("norm_eps", 1e-5),
+        max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        initializer_range=hf.get("initializer_range", 0.02),
+        initializer_cutoff_factor=hf.get("initializer_cutoff_factor", 2.0),
+        pad_token_id=hf.get("pad_token_id") or 0)
+    if hf.get("layer_types") and hf["layer_types"] != config.layer_types:
+        raise ValueError("layer_types is not 'every n-th layer global, starting at layer 0'; this encoder "
+                         "cannot express that pattern")
+    return config
