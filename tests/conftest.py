@@ -79,3 +79,74 @@ def torchrun():
         assert result.returncode == 0, f"{script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         return result.stdout
     return launch
+
+
+@pytest.fixture(scope="session")
+def news_prefix(tmp_path_factory, tokenizer_dir, inews_dev):
+    """200 real news articles as an indexed dataset (token ids + word starts + sidecar) built by
+    tools/preprocess_data.py with the session tokenizer; returns its PREFIX_text_document. Built once per
+    session for every test that trains a tiny model."""
+    import json
+
+    from tools import preprocess_data
+
+    root = tmp_path_factory.mktemp("news")
+    src = root / "news.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in inews_dev[:200]),
+                   encoding="utf-8")
+    preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
+                          "--output-prefix", str(root / "news"), "--quiet"])
+    return str(root / "news_text_document")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gloo_world():
+    """A gloo process group of one and megatron-core TP=1 state in this process, as tools/pretrain.py sets
+    them up; torn down after the module when this fixture created them."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_cmbert.parallel import cpu_shim
+    from megatron_cmbert.training.checkpoint import Ranks
+
+    created_group = not dist.is_initialized()
+    if created_group:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if dist.get_world_size() != 1:
+        pytest.fail("gloo_world needs a world of one process")
+    cpu_shim.install()
+    created_state = not parallel_state.model_parallel_is_initialized()
+    if created_state:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    yield Ranks(tp_rank=0, tp_size=1, dp_rank=0, rank=0, world=1)
+    if created_state:
+        parallel_state.destroy_model_parallel()
+    if created_group:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def launch_logged():
+    """Run a command that ends in tools/pretrain.py's flags, adding --metrics-file OUT/NAME.jsonl; returns
+    (the rows with a loss, the CompletedProcess). Its own session (a fault-injection wrapper may kill its
+    process group) and a timeout (a dead rank hangs its peer)."""
+    import json
+
+    def launch(cmd, out_dir, name, expect_ok=True, timeout=LAUNCH_TIMEOUT_S + 40):
+        metrics = out_dir / f"{name}.jsonl"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        res = subprocess.run(cmd + ["--metrics-file", str(metrics)], capture_output=True, text=True,
+                             timeout=timeout, env=env, cwd=REPO, start_new_session=True)
+        if expect_ok:
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        rows = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
+        return [r for r in rows if "loss" in r], res
+    return launch

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_checkpoint import REPO, _launch, corpus, world  # noqa: F401  (the data set-up and gloo world of one)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 20
 # Measured on CPU (tiny preset, 20 steps, seq 64 and 96): bf16 losses differ from float32 by at most
@@ -27,7 +27,7 @@ LOSS_RTOL = 1e-3
 BF16_VISIBLE = 1e-6
 
 
-def test_megatron_linear_under_cpu_autocast_matches_torch_autocast(world):
+def test_megatron_linear_under_cpu_autocast_matches_torch_autocast(gloo_world):
     from megatron_cmbert.parallel.layer_spec import build_layer_spec
 
     spec = build_layer_spec()  # megatron-core linears (model parallel state is initialised)
@@ -63,16 +63,19 @@ def _stored_dtypes(path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_bf16_runs_track_float32_at_tp1_and_tp2(corpus):
-    root, common = corpus
+def test_bf16_runs_track_float32_at_tp1_and_tp2(tmp_path, tokenizer_dir, news_prefix, launch_logged):
+    root = tmp_path
+    common = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir, "--data-path", news_prefix, "--split", "95,5,0",
+              "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-3",
+              "--log-interval", "1", "--seed", "3"]
     args = common + ["--train-iters", str(STEPS), "--lr-warmup-iters", "4"]
     pretrain = os.path.join(REPO, "tools", "pretrain.py")
     single = [sys.executable, pretrain]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", pretrain]
-    fp32, _ = _launch(single + args, root, "fp32")
+    fp32, _ = launch_logged(single + args, root, "fp32")
     runs = {
-        "tp1": _launch(single + args + ["--bf16", "--save", str(root / "bf16_tp1")], root, "bf16_tp1")[0],
-        "tp2": _launch(torchrun + args + ["--bf16", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+        "tp1": launch_logged(single + args + ["--bf16", "--save", str(root / "bf16_tp1")], root, "bf16_tp1")[0],
+        "tp2": launch_logged(torchrun + args + ["--bf16", "--tensor-model-parallel-size", "2", "--sequence-parallel",
                                           "--save", str(root / "bf16_tp2")], root, "bf16_tp2")[0],
     }
     losses = [r["loss"] for r in fp32]

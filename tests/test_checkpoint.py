@@ -7,45 +7,18 @@ kills a real tools/pretrain.py run (tests/dist/kill_in_save.py) and resumes it, 
 uninterrupted run, then damages the newest checkpoint and checks that tools/pretrain.py falls back and
 redoes the same steps; the two-rank test checks that the ranks agree when only one of them sees a failure.
 """
-import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_cmbert.training import checkpoint as ckpt
 from megatron_cmbert.training.checkpoint import CheckpointError, NoCheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def world():
-    """A gloo process group of one and megatron-core TP=1 state, as tools/pretrain.py sets up."""
-    from megatron.core import parallel_state
-
-    from megatron_cmbert.parallel import cpu_shim
-
-    if dist.is_initialized():
-        pytest.skip("needs a fresh process (a process group is already initialised)")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    cpu_shim.install()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    yield ckpt.Ranks(tp_rank=0, tp_size=1, dp_rank=0, rank=0, world=1)
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def _model_and_optimizer(seed=0):
@@ -80,7 +53,7 @@ def _assert_holds(model, optimizer, snapshot):
 
 
 @pytest.fixture(scope="module")
-def saved(world, tmp_path_factory):
+def saved(gloo_world, tmp_path_factory):
     """SAVE/iter_0000005 and SAVE/iter_0000010 of one model, with what each held when saved."""
     root = tmp_path_factory.mktemp("ckpt")
     tokenizer = root / "tok"
@@ -92,7 +65,7 @@ def saved(world, tmp_path_factory):
     for step in (5, 10):
         _fake_step(model, optimizer)
         snapshots[step] = _snapshot(model, optimizer)
-        ckpt.save_checkpoint(str(save), step, model, optimizer, world, {"step": step, "consumed_samples": 8 * step},
+        ckpt.save_checkpoint(str(save), step, model, optimizer, gloo_world, {"step": step, "consumed_samples": 8 * step},
                              extra_files={"config.json": {"model": {"num_layers": 3}, "args": {"seed": step}}},
                              tokenizer_dir=str(tokenizer))
     return save, snapshots
@@ -140,7 +113,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
-def test_each_damage_is_named_and_load_latest_falls_back(world, saved, damaged, case):
+def test_each_damage_is_named_and_load_latest_falls_back(gloo_world, saved, damaged, case):
     damage, filename, reason = DAMAGE[case]
     newest = damaged / "iter_0000010"
     if filename.startswith("<data"):
@@ -154,25 +127,25 @@ def test_each_damage_is_named_and_load_latest_falls_back(world, saved, damaged, 
 
     model, optimizer = _model_and_optimizer(seed=1)  # a different model: the load must overwrite it all
     warnings = []
-    path, state = ckpt.load_latest(str(damaged), model, optimizer, world, warn=warnings.append)
+    path, state = ckpt.load_latest(str(damaged), model, optimizer, gloo_world, warn=warnings.append)
     assert path == str(damaged / "iter_0000005") and state["step"] == 5
     assert len(warnings) == 1 and f"skipping {newest}: {message}; falling back to {path}" in warnings[0]
     _assert_holds(model, optimizer, saved[1][5])
 
 
-def test_the_undamaged_newest_checkpoint_loads_silently(world, saved):
+def test_the_undamaged_newest_checkpoint_loads_silently(gloo_world, saved):
     save, snapshots = saved
     ckpt.verify_checkpoint(str(save / "iter_0000005"))
     model, optimizer = _model_and_optimizer(seed=1)
     warnings = []
-    path, state = ckpt.load_latest(str(save), model, optimizer, world, warn=warnings.append)
+    path, state = ckpt.load_latest(str(save), model, optimizer, gloo_world, warn=warnings.append)
     assert (path, state, warnings) == (str(save / "iter_0000010"), {"step": 10, "consumed_samples": 80}, [])
     _assert_holds(model, optimizer, snapshots[10])
     assert ckpt.read_train_state(path) == {"step": 10, "consumed_samples": 80}
     assert ckpt.read_checkpoint_config(path)["args"] == {"seed": 10}
 
 
-def test_a_failed_load_after_verification_falls_back(world, saved, damaged):
+def test_a_failed_load_after_verification_falls_back(gloo_world, saved, damaged):
     """Bytes garbled inside a data file (same size): structure checks pass, the load itself fails."""
     newest = damaged / "iter_0000010"
     with open(newest / _data_files(newest)[0], "r+b") as fh:
@@ -180,55 +153,55 @@ def test_a_failed_load_after_verification_falls_back(world, saved, damaged):
     ckpt.verify_checkpoint(str(newest))
     model, optimizer = _model_and_optimizer(seed=1)
     with pytest.raises(CheckpointError) as error:
-        ckpt.load_checkpoint(str(newest), model, optimizer, world)
+        ckpt.load_checkpoint(str(newest), model, optimizer, gloo_world)
     assert str(error.value).startswith(f"{newest}: cannot load (rank 0: ") and "\n" not in str(error.value)
     warnings = []
-    path, _ = ckpt.load_latest(str(damaged), model, optimizer, world, warn=warnings.append)
+    path, _ = ckpt.load_latest(str(damaged), model, optimizer, gloo_world, warn=warnings.append)
     assert path == str(damaged / "iter_0000005") and "cannot load" in warnings[0]
     _assert_holds(model, optimizer, saved[1][5])
 
 
 @pytest.mark.parametrize("content, reason", [("", "empty"), ("abc\n", "'abc' is not a step number")])
-def test_a_bad_marker_is_named_and_the_newest_complete_checkpoint_loads(world, saved, damaged, content, reason):
+def test_a_bad_marker_is_named_and_the_newest_complete_checkpoint_loads(gloo_world, saved, damaged, content, reason):
     marker = damaged / ckpt.LATEST
     marker.write_text(content)
     with pytest.raises(CheckpointError, match=f"^{marker}: {reason}"):
         ckpt.read_marker(str(damaged))
     model, optimizer = _model_and_optimizer(seed=1)
     warnings = []
-    path, _ = ckpt.load_latest(str(damaged), model, optimizer, world, warn=warnings.append)
+    path, _ = ckpt.load_latest(str(damaged), model, optimizer, gloo_world, warn=warnings.append)
     assert path == str(damaged / "iter_0000010")
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: {marker}: {reason}")
     assert warnings[0].endswith(f"; trying the newest complete checkpoint {path}")
     _assert_holds(model, optimizer, saved[1][10])
 
 
-def test_a_marker_naming_a_deleted_checkpoint_falls_back(world, saved, damaged):
+def test_a_marker_naming_a_deleted_checkpoint_falls_back(gloo_world, saved, damaged):
     shutil.rmtree(damaged / "iter_0000010")
     model, optimizer = _model_and_optimizer(seed=1)
     warnings = []
-    path, _ = ckpt.load_latest(str(damaged), model, optimizer, world, warn=warnings.append)
+    path, _ = ckpt.load_latest(str(damaged), model, optimizer, gloo_world, warn=warnings.append)
     assert path == str(damaged / "iter_0000005")
     assert f"names step 10 but {damaged / 'iter_0000010'} is missing" in warnings[0]
     _assert_holds(model, optimizer, saved[1][5])
 
 
-def test_an_explicit_checkpoint_has_no_fallback(world, damaged):
+def test_an_explicit_checkpoint_has_no_fallback(gloo_world, damaged):
     os.remove(damaged / "iter_0000010" / "common.pt")
     model, optimizer = _model_and_optimizer(seed=1)
     warnings = []
     with pytest.raises(CheckpointError, match="common.pt: missing"):
-        ckpt.load_latest(str(damaged / "iter_0000010"), model, optimizer, world, warn=warnings.append)
+        ckpt.load_latest(str(damaged / "iter_0000010"), model, optimizer, gloo_world, warn=warnings.append)
     assert len(warnings) == 1 and warnings[0].endswith("no older checkpoint to fall back to")
 
 
-def test_every_candidate_damaged_raises_the_last_error(world, damaged):
+def test_every_candidate_damaged_raises_the_last_error(gloo_world, damaged):
     for step in (5, 10):
         os.remove(damaged / f"iter_{step:07d}" / ".metadata")
     model, optimizer = _model_and_optimizer(seed=1)
     warnings = []
     with pytest.raises(CheckpointError, match=f"^{damaged / 'iter_0000005' / '.metadata'}: missing"):
-        ckpt.load_latest(str(damaged), model, optimizer, world, warn=warnings.append)
+        ckpt.load_latest(str(damaged), model, optimizer, gloo_world, warn=warnings.append)
     assert len(warnings) == 2 and "no older checkpoint to fall back to" in warnings[1]
 
 
@@ -259,18 +232,18 @@ def test_listing_and_resolving_are_pure_filesystem(tmp_path):
         ckpt.resolve_load(str(save / "other"))
 
 
-def test_keep_last_deletes_the_oldest_complete_checkpoints(world, tmp_path):
+def test_keep_last_deletes_the_oldest_complete_checkpoints(gloo_world, tmp_path):
     save = tmp_path / "save"
     (save / "iter_0000009").mkdir(parents=True)  # another run's, newer than this run's steps: left alone
     (save / "iter_0000002.tmp").mkdir()  # a torn save: not a complete checkpoint, not touched
     model, optimizer = _model_and_optimizer()
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(str(save), step, model, optimizer, world, {"step": step})
+        ckpt.save_checkpoint(str(save), step, model, optimizer, gloo_world, {"step": step})
     assert [s for s, _ in ckpt.list_checkpoints(str(save))] == [1, 2, 3, 9]  # keep_last=0 keeps all
-    ckpt.save_checkpoint(str(save), 4, model, optimizer, world, {"step": 4}, keep_last=2)
+    ckpt.save_checkpoint(str(save), 4, model, optimizer, gloo_world, {"step": 4}, keep_last=2)
     assert [s for s, _ in ckpt.list_checkpoints(str(save))] == [3, 4, 9]
     assert sorted(os.listdir(save)) == ["iter_0000003", "iter_0000004", "iter_0000009", ckpt.LATEST]
-    ckpt.save_checkpoint(str(save), 5, model, optimizer, world, {"step": 5}, keep_last=1)
+    ckpt.save_checkpoint(str(save), 5, model, optimizer, gloo_world, {"step": 5}, keep_last=1)
     assert [s for s, _ in ckpt.list_checkpoints(str(save))] == [5, 9]
     assert ckpt.read_marker(str(save)) == 5
     ckpt.verify_checkpoint(str(save / "iter_0000005"))
@@ -278,47 +251,27 @@ def test_keep_last_deletes_the_oldest_complete_checkpoints(world, tmp_path):
 
 # -- whole runs: tools/pretrain.py killed during a save, and two ranks that must agree ------------------------
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer_dir, inews_dev):
-    from tools import preprocess_data
-
+def corpus(tmp_path_factory, tokenizer_dir, news_prefix):
     root = tmp_path_factory.mktemp("torn")
-    src = root / "news.jsonl"
-    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in inews_dev[:120]),
-                   encoding="utf-8")
-    preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
-                          "--output-prefix", str(root / "news"), "--quiet"])
-    common = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir,
-              "--data-path", str(root / "news_text_document"), "--split", "95,5,0",
+    common = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir, "--data-path", news_prefix, "--split", "95,5,0",
               "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
               "--train-iters", "12", "--lr-warmup-iters", "2", "--lr", "2e-3", "--log-interval", "1", "--seed", "3"]
     return root, common
 
 
-def _launch(cmd, root, name, expect_ok=True):
-    metrics = root / f"{name}.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    # its own session: kill_in_save kills its whole process group, never this one
-    res = subprocess.run(cmd + ["--metrics-file", str(metrics)], capture_output=True, text=True, timeout=TIMEOUT,
-                         env=env, cwd=REPO, start_new_session=True)
-    if expect_ok:
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
-    return [r for r in rows if "loss" in r], res
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_resume_after_a_kill_during_a_save(corpus):
+def test_resume_after_a_kill_during_a_save(corpus, launch_logged):
     root, common = corpus
     pretrain = [sys.executable, os.path.join(REPO, "tools", "pretrain.py")]
-    straight, _ = _launch(pretrain + common, root, "straight")
+    straight, _ = launch_logged(pretrain + common, root, "straight")
     save = root / "ckpt"
     killer = [sys.executable, os.path.join(REPO, "tests", "dist", "kill_in_save.py"), "10"]
-    _, res = _launch(killer + common + ["--save", str(save), "--save-interval", "5"], root, "killed", expect_ok=False)
+    _, res = launch_logged(killer + common + ["--save", str(save), "--save-interval", "5"], root, "killed", expect_ok=False)
     assert res.returncode != 0
     assert (save / "iter_0000010.tmp").is_dir() and not (save / "iter_0000010").exists()
     assert (save / ckpt.LATEST).read_text().strip() == "5"
-    resumed, res = _launch(pretrain + common + ["--save", str(save), "--save-interval", "5", "--load", str(save)],
+    resumed, res = launch_logged(pretrain + common + ["--save", str(save), "--save-interval", "5", "--load", str(save)],
                            root, "resumed")
     assert "at step 5" in res.stdout, res.stdout[-2000:]
     keys = ("step", "loss", "grad_norm", "lr", "mask_rate", "accuracy")
@@ -328,7 +281,7 @@ def test_resume_after_a_kill_during_a_save(corpus):
     # the newest checkpoint damaged: the run says so, falls back to step 10 and redoes 11-12 identically
     newest = save / "iter_0000012"
     os.truncate(newest / _data_files(newest)[0], 0)
-    redone, res = _launch(pretrain + common + ["--save", str(save), "--load", str(save)], root, "fell_back")
+    redone, res = launch_logged(pretrain + common + ["--save", str(save), "--load", str(save)], root, "fell_back")
     assert f"skipping {newest}: {newest / _data_files(newest)[0]}: truncated (0 bytes" in res.stdout + res.stderr
     assert [tuple(r[k] for k in keys) for r in redone] == [tuple(r[k] for k in keys) for r in straight[10:]]
 

@@ -2,7 +2,6 @@
 on stderr from rank 0 only, exit status 2, no traceback, in seconds. Covers the checkpoint-directory rules
 too: --load of a directory without a checkpoint, --save over another run's checkpoints, a resume with
 another schedule."""
-import json
 import os
 import shutil
 import subprocess
@@ -10,25 +9,20 @@ import sys
 
 import pytest
 
-from tools import pretrain, preprocess_data
+from tools import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "tools", "pretrain.py")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer_dir, inews_dev, inews_train):
+def setup(tmp_path_factory, tokenizer_dir, news_prefix, inews_train):
     from megatron_cmbert.data.tokenizer import save_tokenizer, train_bpe
 
     root = tmp_path_factory.mktemp("launch")
-    src = root / "news.jsonl"
-    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in inews_dev[:120]),
-                   encoding="utf-8")
-    preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
-                          "--output-prefix", str(root / "news"), "--quiet"])
     other = root / "other_tok"  # another tokenizer: different training text and size
     save_tokenizer(train_bpe(inews_train[2000:2400], vocab_size=1024, show_progress=False), str(other))
-    common = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir, "--data-path", str(root / "news_text_document"),
+    common = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir, "--data-path", news_prefix,
               "--split", "95,5,0", "--seq-length", "96", "--micro-batch-size", "2", "--global-batch-size", "8",
               "--train-iters", "4", "--lr-warmup-iters", "1", "--log-interval", "1", "--seed", "3"]
     return root, common, str(other)
@@ -75,14 +69,14 @@ def with_flag(common, flag, value):
     return out
 
 
-def test_data_prefix_mistakes_get_a_hint(setup, capsys, monkeypatch):
-    root, common, _ = setup
-    prefix = str(root / "news_text_document")
-    line = refused(with_flag(common, "--data-path", str(root / "news")), capsys, monkeypatch)
+def test_data_prefix_mistakes_get_a_hint(setup, news_prefix, capsys, monkeypatch):
+    _, common, _ = setup
+    prefix, data = news_prefix, os.path.dirname(news_prefix)
+    line = refused(with_flag(common, "--data-path", prefix[: -len("_text_document")]), capsys, monkeypatch)
     assert f"did you mean {prefix}?" in line  # forgot the _text_document suffix
     line = refused(with_flag(common, "--data-path", prefix + ".bin"), capsys, monkeypatch)
     assert f"pass {prefix}" in line
-    line = refused(with_flag(common, "--data-path", str(root / "missing_text_document")), capsys, monkeypatch)
+    line = refused(with_flag(common, "--data-path", os.path.join(data, "missing_text_document")), capsys, monkeypatch)
     assert "missing_text_document" in line and "tools/preprocess_data.py" in line
 
 
@@ -172,11 +166,11 @@ def test_resume_with_another_schedule_or_batch_is_refused(setup, saved_run, caps
     assert "checks passed" in capsys.readouterr().out
 
 
-def test_one_line_from_a_fresh_process_and_from_torchrun(setup, tmp_path):
+def test_one_line_from_a_fresh_process_and_from_torchrun(setup, news_prefix, tmp_path):
     """The same, seen from outside: a plain launch, and two ranks under torchrun (torchrun adds its own
     failure report around the workers' output; the rank-0 line appears once, rank 1 is silent)."""
-    root, common, _ = setup
-    argv = with_flag(common, "--data-path", str(root / "news"))
+    _, common, _ = setup
+    argv = with_flag(common, "--data-path", news_prefix[: -len("_text_document")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)

@@ -13,8 +13,6 @@ import time
 import psutil
 import pytest
 
-from tools import preprocess_data
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "tools", "pretrain.py")
 TIMEOUT = 240
@@ -22,15 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer_dir, inews_dev):
+def setup(tmp_path_factory, tokenizer_dir, news_prefix):
     root = tmp_path_factory.mktemp("pretrain")
-    src = root / "news.jsonl"
-    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in inews_dev[:200]),
-                   encoding="utf-8")
-    preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
-                          "--output-prefix", str(root / "news"), "--quiet"])
-    common = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir,
-              "--data-path", str(root / "news_text_document"), "--split", "95,5,0",
+    common = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir, "--data-path", news_prefix, "--split", "95,5,0",
               "--seq-length", "96", "--micro-batch-size", "2", "--global-batch-size", "8",
               "--train-iters", "20", "--lr-warmup-iters", "4", "--lr", "2e-3", "--log-interval", "1",
               "--seed", "7"]
