@@ -37,7 +37,7 @@ def test_large_preset_is_the_paper_model():
 def test_global_local_pattern_and_theta_per_layer():
     c = get_preset("large")
     globals_ = [i for i in range(28) if c.is_global_layer(i)]
-    assert globals_ == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]  # 10 global, 18 local (SPEC-MODERNBERT.md)
+    assert globals_ == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]  # 10 global, 18 local (HF ModernBERT's rule: layer i is global when i % 3 == 0)
     for i in range(28):
         assert c.rope_theta(i) == (80_000.0 if i in globals_ else 10_000.0)
         # local_attention 128 = keys with |i - j| <= 64, flash-attn window_size (64, 64)

@@ -136,7 +136,7 @@ def test_gold_word_starts_land_on_token_starts(tokenizer_dir, peoples_daily_gold
             pos += len(w)
     rate = hits / total
     print(f"\n1998 gold segmentation: {hits}/{total} = {100 * rate:.1f}% of gold word starts are token starts")
-    # DATA.md measured ~11% of tokens straddling a word boundary for this tokenizer design; a broken
+    # We measured ~11% of tokens straddling a word boundary for this tokenizer design; a broken
     # offset mapping would put this near the share of one-character tokens instead.
     assert rate > 0.80
 

@@ -1,5 +1,5 @@
 """LR and masking schedules against formulas written out here (paper Eq. 1 and 3.2/3.7), the checks of
-../shared/NOTES-TRAINING.md, and tools/plot_schedules.py end to end."""
+docs/TRAINING.md, and tools/plot_schedules.py end to end."""
 import csv
 import math
 

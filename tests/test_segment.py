@@ -53,7 +53,7 @@ def test_segment_batch_matches_single_calls():
 
 @pytest.mark.slow
 def test_rjieba_agrees_with_jieba_on_peoples_daily_1998(peoples_daily_gold):
-    """DATA.md: rjieba reproduces jieba on Chinese text; they may differ only on hyphenated
+    """rjieba reproduces jieba on Chinese text; they may differ only on hyphenated
     Latin/digit runs. Check every sentence of the 1998 corpus (1.86M characters)."""
     fast, ref = Segmenter("rjieba"), Segmenter("jieba")
     differing = []

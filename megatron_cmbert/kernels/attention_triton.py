@@ -412,7 +412,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 def attention_flops(lengths, heads: int, head_dim: int, window=(-1, -1), mode: str = "fwd") -> float:
     """Useful matmul FLOPs (masked pairs not counted): 4 * pairs * head_dim per head forward, 2.5x that for
-    the backward (ANCHORS.md's convention)."""
+    the backward (the convention of docs/BENCHMARKS.md)."""
     left, right = window
     pairs = 0
     for n in lengths:

@@ -1,6 +1,6 @@
 """Model configuration of Chinese ModernBERT: one dataclass, named presets, an arithmetic parameter count.
 
-The layout follows ../shared/SPEC-MODERNBERT.md (Hugging Face ModernBERT); the `large` preset is the seed
+The layout follows Hugging Face ModernBERT (docs/MODEL.md, docs/HF.md); the `large` preset is the seed
 paper's model (28 x 1024, FFN 2624, RMSNorm, RoPE theta 80k global / 10k local).
 """
 from __future__ import annotations

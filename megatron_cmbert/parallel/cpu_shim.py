@@ -1,7 +1,7 @@
 """Let megatron-core's tensor-parallel layers and sequence-parallel collectives run on CPU (gloo).
 
 megatron-core 0.16.1 allocates the buffers of its all-gather / reduce-scatter with
-`device=torch.cuda.current_device()`, which raises on a CPU-only build (../shared/NOTES-MEGATRON-CPU.md).
+`device=torch.cuda.current_device()`, which raises on a CPU-only build.
 When CUDA is absent, install() gives those few modules a view of `torch` whose `cuda.current_device()` is
 the CPU and whose `cuda.synchronize()` does nothing; nothing changes for any other module, and nothing at all when CUDA is available.
 """
