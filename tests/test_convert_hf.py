@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tools import convert_from_hf, convert_to_hf, preprocess_data
+from tools import convert_from_hf, convert_to_hf
 
 transformers = pytest.importorskip("transformers", reason="needs the optional package transformers (extra hf)")
 from megatron_cmbert.data.tokenizer import MASK_ID, load_tokenizer  # noqa: E402
@@ -27,8 +27,8 @@ TEXTS = ["中国的首都是北京，北京有很多名胜古迹。", "今天下
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def _pretrain(root, tokenizer_dir, name, extra=()):
-    args = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir, "--data-path", str(root / "news_text_document"),
+def _pretrain(root, tokenizer_dir, data, name, extra=()):
+    args = ["--preset", "tiny", "--tokenizer-model", tokenizer_dir, "--data-path", data,
             "--split", "90,10,0", "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
             "--train-iters", "3", "--lr-warmup-iters", "1", "--lr", "3e-3", "--log-interval", "1", "--seed", "3",
             "--eval-interval", "3", "--eval-iters", "1", "--save", str(root / name),
@@ -40,16 +40,12 @@ def _pretrain(root, tokenizer_dir, name, extra=()):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tokenizer_dir, inews_dev):
+def trained(tmp_path_factory, tokenizer_dir, news_prefix):
     """Two tiny models (RMSNorm, LayerNorm), each trained 3 steps and exported once."""
     root = tmp_path_factory.mktemp("convert_hf")
-    src = root / "news.jsonl"
-    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in inews_dev[:80]), encoding="utf-8")
-    preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
-                          "--output-prefix", str(root / "news"), "--quiet"])
-    out = {"root": root}
+    out = {"root": root, "data": news_prefix}
     for norm in ("RMSNorm", "LayerNorm"):
-        ckpt = _pretrain(root, tokenizer_dir, f"ckpt_{norm}", ["--normalization", norm])
+        ckpt = _pretrain(root, tokenizer_dir, news_prefix, f"ckpt_{norm}", ["--normalization", norm])
         hf_dir = root / f"hf_{norm}"
         # ONNX for the remote-code model only (the harder graph; the stock one differs only in its norms)
         options = ["--sentence-transformers"] + (["--onnx"] if norm == "RMSNorm" else [])
@@ -254,7 +250,7 @@ def test_finetune_continues_from_a_converted_checkpoint(trained, tokenizer_dir):
     back = root / "back_ln"
     assert convert_from_hf.main(["--hf", str(hf_dir), "--save", str(back)]) == 0
     args = ["--preset", "tiny", "--normalization", "LayerNorm", "--tokenizer-model", tokenizer_dir,
-            "--data-path", str(root / "news_text_document"), "--split", "90,10,0", "--seq-length", str(SEQ),
+            "--data-path", trained["data"], "--split", "90,10,0", "--seq-length", str(SEQ),
             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--lr-warmup-iters", "1",
             "--lr", "1e-3", "--log-interval", "1", "--load", str(back), "--finetune"]
     res = subprocess.run([sys.executable, os.path.join(REPO, "tools", "pretrain.py"), *args], capture_output=True,
