@@ -23,7 +23,7 @@ _VOCAB_ROWS = ("model.embeddings.tok_embeddings.weight", "decoder_bias")
 
 
 def expected_hf_keys(config: ModelConfig) -> list[str]:
-    """The safetensors keys of SPEC-MODERNBERT.md for this config."""
+    """The safetensors keys of HF ModernBertForMaskedLM for this config (docs/HF.md)."""
     keys = ["model.embeddings.tok_embeddings.weight", "model.embeddings.norm.weight"]
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}."
