@@ -10,18 +10,18 @@ rm -rf "$OUT"
 CORPUS=examples/data/demo_corpus.jsonl
 export TOKENIZERS_PARALLELISM=false
 
-echo; echo "== 1/6 near-duplicate removal (MinHash, Jaccard >= 0.8)"
+echo; echo "== 1/7 near-duplicate removal (MinHash, Jaccard >= 0.8)"
 python tools/dedup_minhash.py --input "$CORPUS" --output-dir "$OUT/dedup" --no-progress
 
-echo; echo "== 2/6 tokenizer (character BPE, size a multiple of 64)"
+echo; echo "== 2/7 tokenizer (character BPE, size a multiple of 64)"
 python tools/train_tokenizer.py --input "$OUT/dedup/demo_corpus.jsonl" --vocab-size 8192 \
     --limit-alphabet 4000 --output-dir "$OUT/tokenizer" --quiet
 
-echo; echo "== 3/6 indexed dataset with whole-word metadata"
+echo; echo "== 3/7 indexed dataset with whole-word metadata"
 python tools/preprocess_data.py --input "$OUT/dedup/demo_corpus.jsonl" --json-keys text \
     --tokenizer-model "$OUT/tokenizer" --output-prefix "$OUT/data/demo" --workers 2
 
-echo; echo "== 4/6 a look at two documents, whole-word units between bars"
+echo; echo "== 4/7 a look at two documents, whole-word units between bars"
 python tools/inspect_dataset.py --data-prefix "$OUT/data/demo_text_document" \
     --tokenizer-model "$OUT/tokenizer" --doc 0 300 --max-tokens 80
 
@@ -34,10 +34,10 @@ PRETRAIN_ARGS=(
     --mask-schedule dynamic --log-interval 10 --eval-interval 30 --eval-iters 2
     --save "$OUT/checkpoints" --save-interval 30 --metrics-file "$OUT/metrics.jsonl" --seed 1234
 )
-echo; echo "== 5/6 pretraining, first 30 of 60 steps (then a checkpoint and a stop)"
+echo; echo "== 5/7 pretraining, first 30 of 60 steps (then a checkpoint and a stop)"
 OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tools/pretrain.py "${PRETRAIN_ARGS[@]}" --exit-interval 30
 
-echo; echo "== 6/6 resume from the checkpoint, steps 31-60"
+echo; echo "== 6/7 resume from the checkpoint, steps 31-60"
 OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tools/pretrain.py "${PRETRAIN_ARGS[@]}" --load "$OUT/checkpoints"
 
 python - "$OUT/metrics.jsonl" <<'PY'
@@ -46,7 +46,7 @@ rows = [json.loads(line) for line in open(sys.argv[1]) if '"loss"' in line]
 print(f"\nloss at step {rows[0]['step']}: {rows[0]['loss']:.3f} -> step {rows[-1]['step']}: {rows[-1]['loss']:.3f}"
       f" (masked-token accuracy {rows[-1]['accuracy']:.3f})")
 PY
-echo; echo "== then: export to Hugging Face (TP=2 checkpoint -> remote-code ModernBERT), one fill-mask"
+echo; echo "== 7/7 export to Hugging Face (TP=2 checkpoint -> remote-code ModernBERT), one fill-mask"
 OMP_NUM_THREADS=1 python tools/convert_to_hf.py --load "$OUT/checkpoints" --output "$OUT/hf_model"
 python - "$OUT/hf_model" <<'PY'
 import sys
