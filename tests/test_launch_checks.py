@@ -166,6 +166,16 @@ def test_resume_with_another_schedule_or_batch_is_refused(setup, saved_run, caps
     assert "checks passed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_load_into_another_model_shape_is_refused(setup, saved_run, capsys, monkeypatch, tmp_path):
+    _, common, _ = setup
+    stage2 = common + ["--save", str(tmp_path / "stage2"), "--load", str(saved_run), "--finetune"]
+    line = refused(stage2 + ["--hidden-size", "128"], capsys, monkeypatch)
+    assert "--hidden-size 128 (checkpoint: 64)" in line and str(saved_run / "iter_0000004") in line
+    line = refused(stage2 + ["--normalization", "LayerNorm"], capsys, monkeypatch)
+    assert "--normalization LayerNorm (checkpoint: RMSNorm)" in line
+
+
 def test_one_line_from_a_fresh_process_and_from_torchrun(setup, news_prefix, tmp_path):
     """The same, seen from outside: a plain launch, and two ranks under torchrun (torchrun adds its own
     failure report around the workers' output; the rank-0 line appears once, rank 1 is silent)."""

@@ -114,7 +114,31 @@ def check_launch(cfg: TrainConfig, world: int):
         raise ConfigError(f"--seq-length {data.seq_length} exceeds the model's {model.max_position_embeddings} "
                           f"positions (--max-position-embeddings)")
     check_checkpoint_dirs(cfg)
+    if cfg.checkpoint.load:
+        check_checkpoint_model(cfg.checkpoint.load, model)
     return model
+
+
+# The ModelConfig fields that set a weight's shape: a checkpoint loads only into the same values.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "normalization")
+
+
+def check_checkpoint_model(load: str, model) -> None:
+    """The model these flags build has the weight shapes of the checkpoint under --load (e.g. a converted
+    stock ModernBERT needs its own --hidden-size ...; another tokenizer changes vocab_size)."""
+    from megatron_cmbert.training.checkpoint import CheckpointError, read_checkpoint_config, resolve_load
+
+    path = resolve_load(load)[0]
+    try:
+        saved = read_checkpoint_config(path).get("model") or {}
+    except CheckpointError:
+        return  # an unreadable newest checkpoint: loading names it and falls back to an older one
+    wrong = [f"--{k.replace('_', '-')} {getattr(model, k)} (checkpoint: {saved[k]})" for k in SHAPE_FIELDS
+             if k in saved and saved[k] != getattr(model, k)]
+    if wrong:
+        hint = "; the vocabulary size comes from --tokenizer-model" if any("vocab" in w for w in wrong) else ""
+        raise ConfigError(f"--load {path} holds another model: {', '.join(wrong)}; pass the checkpoint's model "
+                          f"flags (its config.json 'model'){hint}")
 
 
 def resume_command(argv: list[str], save: str) -> str:
