@@ -64,7 +64,8 @@ def test_more_characters_than_the_budget_still_gives_the_size_asked_and_merges(i
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     assert {t for t in tok.get_vocab() if len(t) == 1} == {c for c, _ in ranked[:1917]}
     heldout = inews_train[1000:1100] + [RARE]
-    rare = {c for c in nfkc("".join(heldout)) if c not in tok.get_vocab()}
+    vocab = tok.get_vocab()  # a fresh dict per call: once, not per character
+    rare = {c for c in nfkc("".join(heldout)) if c not in vocab}
     assert len(rare) > 100  # many characters now travel as bytes...
     for text, enc in zip(heldout, tok.encode_batch(heldout, add_special_tokens=False)):
         assert tok.decode(enc.ids) == nfkc(text)  # ...losslessly
