@@ -33,6 +33,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    # megatron-core calls a torch.distributed.checkpoint function that torch has deprecated: not about this run
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
     from megatron_cmbert.hf.importer import import_hf
     from megatron_cmbert.hf.load import run_tool
 
