@@ -297,3 +297,20 @@ def test_failed_parity_check_writes_nothing(trained, tmp_path, monkeypatch, caps
     assert convert_to_hf.main(["--load", str(ckpt), "--output", str(tmp_path / "out")]) == 1
     assert "largest logit difference" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_model_card_states_what_the_run_recorded(trained):
+    """The card against the run's own metrics file and flags: steps, tokens, length, data, losses."""
+    ckpt, hf_dir = trained["RMSNorm"]
+    card = (hf_dir / "README.md").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in open(trained["root"] / "ckpt_RMSNorm.jsonl")]
+    train = [r for r in rows if "loss" in r][-1]
+    valid = [r for r in rows if "valid_loss" in r][-1]
+    assert train["step"] == 3
+    assert "| steps | 3 |" in card and f"| trained sequence length | {SEQ} " in card
+    assert f"| final train loss | {train['loss']:.4f} |" in card
+    assert f"| final valid loss | {valid['valid_loss']:.4f} |" in card
+    assert f"`{trained['data']}` (weight 1)" in card
+    assert "dynamic rate 0.15 -> 0.3 during the LR warmup, then back to 0.15" in card
+    assert "| samples seen | 12 |" in card  # 3 steps x global batch 4
+    assert "trust_remote_code=True" in card and "tiny preset" in card

@@ -65,7 +65,8 @@ def _masking(args: dict) -> str:
     if schedule == "constant":
         rate = f"constant rate {args.get('mask_rate')}"
     else:
-        rate = f"{schedule} rate from {args.get('mask_rate_max')} down to {args.get('mask_rate_min')}"
+        low, high = args.get("mask_rate_min"), args.get("mask_rate_max")
+        rate = f"dynamic rate {low} -> {high} during the LR warmup, then back to {low} by the end"
     return f"{kind} masking, {rate} (of the chosen tokens {args.get('mask_prob')} become [MASK], {args.get('random_prob')} a random token, the rest stay)"
 
 
