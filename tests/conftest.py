@@ -99,14 +99,6 @@ def news_prefix(tmp_path_factory, tokenizer_dir, inews_dev):
     return str(root / "news_text_document")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gloo_world():
     """A gloo process group of one and megatron-core TP=1 state in this process, as tools/pretrain.py sets
@@ -115,22 +107,19 @@ def gloo_world():
     from megatron.core import parallel_state
 
     from megatron_cmbert.parallel import cpu_shim
+    from megatron_cmbert.parallel.world import single_process_group
     from megatron_cmbert.training.checkpoint import Ranks
 
-    created_group = not dist.is_initialized()
-    if created_group:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    if dist.get_world_size() != 1:
-        pytest.fail("gloo_world needs a world of one process")
-    cpu_shim.install()
-    created_state = not parallel_state.model_parallel_is_initialized()
-    if created_state:
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    yield Ranks(tp_rank=0, tp_size=1, dp_rank=0, rank=0, world=1)
-    if created_state:
-        parallel_state.destroy_model_parallel()
-    if created_group:
-        dist.destroy_process_group()
+    with single_process_group():
+        if dist.get_world_size() != 1:
+            pytest.fail("gloo_world needs a world of one process")
+        cpu_shim.install()
+        created_state = not parallel_state.model_parallel_is_initialized()
+        if created_state:
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+        yield Ranks(tp_rank=0, tp_size=1, dp_rank=0, rank=0, world=1)
+        if created_state:
+            parallel_state.destroy_model_parallel()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from tools import convert_from_hf, convert_to_hf
 
 transformers = pytest.importorskip("transformers", reason="needs the optional package transformers (extra hf)")
 from megatron_cmbert.data.tokenizer import MASK_ID, load_tokenizer  # noqa: E402
-from megatron_cmbert.hf.load import single_process_group  # noqa: E402
+from megatron_cmbert.parallel.world import single_process_group  # noqa: E402
 from megatron_cmbert.model import CMBertForMaskedLM, ModelConfig  # noqa: E402
 from megatron_cmbert.model.padding import run_padded  # noqa: E402
 from megatron_cmbert.training.checkpoint import Ranks, load_checkpoint  # noqa: E402

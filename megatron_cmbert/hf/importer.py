@@ -14,7 +14,8 @@ import shutil
 import tempfile
 
 
-from megatron_cmbert.hf.load import ConversionError, single_process_group
+from megatron_cmbert.hf.load import ConversionError
+from megatron_cmbert.parallel.world import single_process_group
 from megatron_cmbert.model.config import ModelConfig
 from megatron_cmbert.model.hf_keymap import expected_hf_keys, from_hf, model_config_from_hf
 from megatron_cmbert.model.layers import TorchSpec

@@ -7,16 +7,14 @@ TP-split tensor is stored as one logical tensor).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_cmbert.model.config import ModelConfig
+from megatron_cmbert.parallel.world import single_process_group
 from megatron_cmbert.training import checkpoint as ckpt
 
 
@@ -52,25 +50,6 @@ class Checkpoint:
     def seq_length(self) -> int:
         """The trained sequence length (not the preset's maximum)."""
         return int(self.args.get("seq_length") or self.config.max_position_embeddings)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def single_process_group():
-    """A gloo world of one for dist_checkpointing, unless a process group already exists."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def read_checkpoint(load: str) -> Checkpoint:

@@ -124,14 +124,19 @@ def _describe_load_error(exc: BaseException) -> str:
     return _one_line(exc)
 
 
+def _gather(value) -> list:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` without a process group of more than one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def _agree(error: Optional[str]) -> Optional[str]:
     """Every rank's view of one outcome -> the same answer everywhere: the first failing rank's message,
-    or None when every rank succeeded. A no-op without a process group of more than one rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return error
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, error)
-    return next((e for e in gathered if e), None)
+    or None when every rank succeeded."""
+    return next((e for e in _gather(error) if e), None)
 
 
 def _barrier():
@@ -210,15 +215,6 @@ def resolve_load(load_path: str, warn: Optional[Callable[[str], None]] = None) -
     if problem and warn:
         warn(f"warning: {problem}; trying the newest complete checkpoint {newest_first[0]}")
     return newest_first
-
-
-def find_checkpoint(load_dir: str) -> Optional[str]:
-    """The first candidate of ``resolve_load`` (no verification, no fallback), or None when there is none.
-    Prefer ``load_latest``."""
-    try:
-        return resolve_load(load_dir)[0]
-    except NoCheckpointError:
-        return None
 
 
 # -- reading and verifying (filesystem only, deterministic) ------------------------------------------------
@@ -434,10 +430,7 @@ def load_latest(load_path: str, model, optimizer, ranks: Ranks,
         candidates = resolve_load(load_path, warn=notes.append)
     except CheckpointError as exc:
         error = (isinstance(exc, NoCheckpointError), str(exc))
-    views = [(error, candidates)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        views = [None] * dist.get_world_size()
-        dist.all_gather_object(views, (error, candidates))
+    views = _gather((error, candidates))
     error = next((e for e, _ in views if e), None)
     if error:
         raise (NoCheckpointError if error[0] else CheckpointError)(error[1])

@@ -23,7 +23,6 @@ import dataclasses
 import math
 import os
 import shutil
-import socket
 import sys
 from typing import Optional
 
@@ -46,21 +45,16 @@ class NonFiniteLossError(RuntimeError):
     """A step's gradient norm is not finite (and --skip-nan-steps was not given)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed(tp: int, seed: int) -> tuple[Ranks, torch.device]:
     """Process group (torchrun's, or a one-process one), megatron-core model parallel state."""
     from megatron.core import parallel_state
 
     from megatron_cmbert.parallel import cpu_shim
+    from megatron_cmbert.parallel.world import free_port
 
     if "RANK" not in os.environ:  # plain `python tools/pretrain.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -309,11 +303,14 @@ class Trainer:
                 self.meter.add(stats["tokens"], stats["max_seqlen"], stats["mask_rate"])
                 if self.step % log.log_interval == 0 or self.step == total:
                     history.append(self._log(stats))
-                with self.meter.paused():  # tokens/s counts training time only
-                    if log.eval_interval and self.step % log.eval_interval == 0:
-                        self._evaluate_and_log()
-                    if ck.save and ck.save_interval and self.step % ck.save_interval == 0:
-                        self.save()
+                do_eval = log.eval_interval and self.step % log.eval_interval == 0
+                do_save = ck.save and ck.save_interval and self.step % ck.save_interval == 0
+                if do_eval or do_save:  # paused() syncs the GPU: only around the steps that pause
+                    with self.meter.paused():  # tokens/s counts training time only
+                        if do_eval:
+                            self._evaluate_and_log()
+                        if do_save:
+                            self.save()
                 self.stop_reason = stop.check()
                 if not self.stop_reason and ck.exit_interval and self.step % ck.exit_interval == 0:
                     self.stop_reason = f"--exit-interval {ck.exit_interval}"
