@@ -33,8 +33,9 @@ def fake_cluster(tmp_path):
 
 
 def launch(script, env):
+    # a hang guard, not a speed goal: without DRY_RUN the script starts Python (torch import) on a shared CPU
     return subprocess.run(["bash", os.path.join(REPO, "examples", script)], env=env, capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=120)
 
 
 def pretrain_args(res):
