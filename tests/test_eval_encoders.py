@@ -2,8 +2,6 @@
 states and MLM logits of the stock transformers model run on a padded batch (the independent reference);
 a stock BertForMaskedLM built from a BertConfig works through the same interface."""
 import argparse
-import dataclasses
-import os
 
 import pytest
 import torch
@@ -13,42 +11,17 @@ from megatron_cmbert.eval.encoders import (EncoderError, add_encoder_args, encod
                                            load_encoder, random_init_like)
 from megatron_cmbert.hf.export import load_kwargs, write_hf_dir  # noqa: E402
 from megatron_cmbert.hf.load import read_checkpoint  # noqa: E402
-from megatron_cmbert.model import CMBertForMaskedLM  # noqa: E402
-from megatron_cmbert.model.config import get_preset  # noqa: E402
-from megatron_cmbert.parallel import cpu_shim  # noqa: E402
-from megatron_cmbert.parallel.world import single_process_group  # noqa: E402
-from megatron_cmbert.training.checkpoint import Ranks, save_checkpoint  # noqa: E402
+from eval_checkpoint import tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 SEQ = 48
 TEXTS = ["中国的首都是北京，北京有很多名胜古迹。", "今天下午我们去公园散步。", "科学家发现了一种新的治疗方法，可以帮助更多的病人恢复健康。"]
 
 
-def make_checkpoint(root, tokenizer_dir, normalization="RMSNorm", seed=0, seq_length=SEQ):
-    """A tiny randomly-initialised model saved as training saves it (dist_checkpointing + config.json +
-    tokenizer), in-process: seconds instead of a tools/pretrain.py run."""
-    from megatron_cmbert.data.tokenizer import load_tokenizer
-
-    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
-    config = get_preset("tiny", vocab_size=vocab, normalization=normalization, local_attention=8)
-    torch.manual_seed(seed)
-    model = CMBertForMaskedLM(config)
-    with torch.no_grad():  # norms start at 1; perturb them so a norm mix-up cannot pass
-        for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    cpu_shim.install()  # dist_checkpointing's writer synchronises CUDA, absent on CPU machines
-    meta = {"model": {k: v for k, v in dataclasses.asdict(config).items()}, "args": {"seq_length": seq_length}}
-    with single_process_group():
-        save_checkpoint(str(root), 1, model, None, Ranks(0, 1, 0, 0, 1), {"step": 1},
-                        extra_files={"config.json": meta}, tokenizer_dir=tokenizer_dir)
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("eval_encoders")
-    ckpt = make_checkpoint(root / "ckpt", tokenizer_dir)
+    ckpt, _ = tiny_checkpoint(root / "ckpt", tokenizer_dir, seq_length=SEQ)
     hf_dir = root / "hf"
     hf_dir.mkdir()
     write_hf_dir(read_checkpoint(str(ckpt)), str(hf_dir))
@@ -72,6 +45,7 @@ def test_ours_and_export_match_the_stock_padded_model(tiny, kind):
     ckpt, hf_dir = tiny
     enc = load_encoder(**{kind: str(ckpt if kind == "load" else hf_dir)})
     assert enc.kind == ("ours" if kind == "load" else "hf") and enc.max_length == SEQ and enc.hidden_size == 64
+    assert enc.length_limit() is None  # rotary positions: no table to outgrow
     seqs = enc.encode(TEXTS)
     batch, logits_ref = stock_padded(hf_dir, TEXTS)
     assert seqs == [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
@@ -124,7 +98,7 @@ def test_stock_bert_through_the_same_interface(tmp_path, tokenizer_dir):
     parser = argparse.ArgumentParser()
     add_encoder_args(parser)
     enc = encoder_from_args(parser.parse_args(["--hf", str(tmp_path), "--device", "cpu"]))
-    assert enc.kind == "hf" and enc.max_length == 64 and enc.uses_token_types
+    assert enc.kind == "hf" and enc.max_length == 64 and enc.uses_token_types and enc.length_limit() == 64
     seqs = enc.encode(TEXTS[:2], pair=TEXTS[1:])
     with torch.no_grad():
         logits, cu = enc.mlm_logits(seqs)

@@ -43,6 +43,8 @@ class Encoder:
     """Ours: the ModelConfig; hf: the transformers config (random_init_like rebuilds from it)."""
     uses_token_types: bool = field(default=False, repr=False)
     """HF BERT-style models with segment embeddings get token_type_ids (1 after the first [SEP])."""
+    tokenizer_dir: str | None = None
+    """The directory holding tokenizer.json (ours: the checkpoint's copy; hf: the model directory)."""
 
     # ---- tokenizing -------------------------------------------------------------------------------------
     def encode(self, texts: list[str], max_length: int | None = None, pair: list[str] | None = None) -> list[list[int]]:
@@ -79,17 +81,6 @@ class Encoder:
         logits = self.mlm(input_ids=ids, attention_mask=mask, **extra).logits
         return logits[mask.bool()][:, :self.vocab_size], self._cu(seqs)
 
-    def logits_fn(self):
-        """(tokens, cu_seqlens, max_seqlen) -> packed logits: the form eval/pppl.py batches against."""
-        if self.kind == "ours":
-            return lambda tokens, cu, max_seqlen: self.mlm(tokens, cu, max_seqlen).logits[:, :self.vocab_size]
-
-        def hf_logits(tokens, cu, max_seqlen):
-            bounds = cu.tolist()
-            seqs = [tokens[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
-            return self.mlm_logits(seqs)[0]
-        return hf_logits
-
     # ---- batching helpers --------------------------------------------------------------------------------
     def _cu(self, seqs) -> torch.Tensor:
         return cu_seqlens_from_lengths([len(s) for s in seqs], device=self.device)
@@ -117,6 +108,16 @@ class Encoder:
                 types[i, s.index(sep) + 1:len(s)] = 1
         to = lambda t: None if t is None else t.to(self.device)
         return to(ids), to(mask), to(types)
+
+    def length_limit(self) -> int | None:
+        """The longest input the model can take at all: max_position_embeddings for learned absolute
+        positions (BERT/RoBERTa), None for rotary or ALiBi models (ours runs past its trained length)."""
+        if self.kind == "ours":
+            return None
+        for name, module in self.backbone.named_modules():
+            if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding):
+                return int(module.num_embeddings)
+        return None
 
     def eval(self) -> "Encoder":
         for m in (self.backbone, self.mlm):
@@ -165,7 +166,7 @@ def _load_ours(load: str, device, dtype, attention_backend) -> Encoder:
     tokenizer = wrap_tokenizer(ck.tokenizer_dir, ck.seq_length)
     return Encoder(name=load, kind="ours", backbone=model.model, mlm=model, tokenizer=tokenizer,
                    hidden_size=ck.config.hidden_size, max_length=ck.seq_length, device=torch.device(device),
-                   vocab_size=ck.config.vocab_size, config=ck.config)
+                   vocab_size=ck.config.vocab_size, config=ck.config, tokenizer_dir=ck.tokenizer_dir)
 
 
 def _hf_kwargs(path: str, dtype, attention_backend) -> dict:
@@ -196,7 +197,9 @@ def _load_hf(path: str, device, dtype, attention_backend) -> Encoder:
             backbone = transformers.AutoModel.from_pretrained(path, **kwargs)
         except Exception as exc:
             raise EncoderError(f"{path}: cannot load the model ({_one_line(exc)})") from exc
-    return _hf_encoder(path, tokenizer, backbone, mlm, device, dtype)
+    encoder = _hf_encoder(path, tokenizer, backbone, mlm, device, dtype)
+    encoder.tokenizer_dir = path
+    return encoder
 
 
 def _hf_encoder(path, tokenizer, backbone, mlm, device, dtype) -> Encoder:
@@ -247,7 +250,8 @@ def random_init_like(encoder: Encoder, seed: int) -> Encoder:
         model.to(device=device, dtype=dtype).eval()
         return Encoder(name=f"{encoder.name} (random init, seed {seed})", kind="ours", backbone=model.model, mlm=model,
                        tokenizer=encoder.tokenizer, hidden_size=encoder.hidden_size, max_length=encoder.max_length,
-                       device=device, vocab_size=encoder.vocab_size, config=encoder.config)
+                       device=device, vocab_size=encoder.vocab_size, config=encoder.config,
+                       tokenizer_dir=encoder.tokenizer_dir)
     import transformers
 
     kwargs = {"trust_remote_code": True}
@@ -257,7 +261,7 @@ def random_init_like(encoder: Encoder, seed: int) -> Encoder:
     else:
         mlm, backbone = None, transformers.AutoModel.from_config(encoder.config, **kwargs)
     out = _hf_encoder(encoder.name, encoder.tokenizer, backbone, mlm, device, dtype)
-    out.name = f"{encoder.name} (random init, seed {seed})"
+    out.name, out.tokenizer_dir = f"{encoder.name} (random init, seed {seed})", encoder.tokenizer_dir
     return out
 
 

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Pseudo-perplexity (PPPL) of a masked LM on held-out text at several lengths: the Stage II monitor.
+
+    python tools/eval_pppl.py --load CKPT --data-prefix PREFIX_text_document --split 98,2,0 --split-part valid
+    python tools/eval_pppl.py --hf HF_DIR --input held_out.jsonl --lengths 128 512 --unit token --max-units 200
+
+Held-out text: an indexed dataset (--data-prefix, the ids and whole-word flags tools/preprocess_data.py
+wrote; --split/--split-part pick training's validation documents) or a jsonl file (--input, tokenized here;
+word units from rjieba word spans and the tokenizer's offsets, for any tokenizer). Documents are joined in
+order into one token stream; its first --pool-tokens tokens (the same text at every length) are cut into
+consecutive windows of LENGTH - 2 tokens, each run as [CLS] window [SEP]. Each whole word (--unit word) or
+token (--unit token) is masked in turn in its own copy of its window, many copies packed per forward;
+--max-units N scores N units per length, picked by a seeded key of their position in the stream, so every
+length scores nearly the same tokens with more or less context. PPPL = exp(mean NLL over masked tokens);
+the 95% interval is a percentile bootstrap over units. A model trained at 1k shows where it degrades
+beyond 1k; Stage II should flatten that curve. Lengths past a model's learned position table (BERT) are
+reported as N/A; ours (RoPE) runs past its trained length, marked in the table.
+
+Writes --output-json (results) and --plot (PPPL against length, 95% intervals), each by rename when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from typing import Optional
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DEFAULT_LENGTHS = (128, 512, 1024, 2048, 4096, 8192)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    from megatron_cmbert.eval.encoders import add_encoder_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_encoder_args(p)
+    src = p.add_argument_group("held-out text (exactly one)").add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-prefix", help="an indexed dataset prefix (PREFIX.bin/.idx and PREFIX_wordstart) built "
+                     "with the model's tokenizer")
+    src.add_argument("--input", help="a jsonl file of documents (key --json-key)")
+    p.add_argument("--json-key", default="text", help="jsonl field holding the text (default text)")
+    p.add_argument("--split", default=None, help="with --data-prefix: training's --split, e.g. 98,2,0 (default: "
+                   "all documents)")
+    p.add_argument("--split-part", choices=("train", "valid", "test"), default="valid",
+                   help="which part of --split is held out (default valid)")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
+                   help=f"window lengths in tokens, [CLS]/[SEP] included (default {' '.join(map(str, DEFAULT_LENGTHS))})")
+    p.add_argument("--unit", choices=("word", "token"), default="word", help="what is masked in turn (default word)")
+    p.add_argument("--max-units", type=int, default=256, help="units scored per length; 0 = every unit (default 256)")
+    p.add_argument("--pool-tokens", type=int, default=None,
+                   help="held-out tokens cut into windows at every length (default 2 x (largest length - 2))")
+    p.add_argument("--tokens-per-forward", type=int, default=16384,
+                   help="masked copies packed per forward, in tokens (default 16384; at least one window)")
+    p.add_argument("--segmenter", choices=("rjieba", "jieba"), default="rjieba", help="word spans for --input")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="unit selection and bootstrap seed (default 0)")
+    p.add_argument("--output-json", default="pppl.json", help="results file (default pppl.json)")
+    p.add_argument("--plot", default=None, help="PNG of PPPL against length (default: --output-json with .png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = p.parse_args(argv)
+    if any(n < 3 for n in args.lengths):
+        p.error("--lengths must be at least 3 ([CLS] token [SEP])")
+    return args
+
+
+def held_out(args, encoder, pool_tokens: int):
+    from megatron_cmbert.data.dataset_checks import check_data_prefix, check_dataset_tokenizer
+    from megatron_cmbert.data.pretrain_data import split_ranges
+    from megatron_cmbert.eval.pppl import PPPLError, stream_from_prefix, stream_from_texts
+
+    if args.data_prefix:
+        check_data_prefix(args.data_prefix)
+        if not encoder.tokenizer_dir or not os.path.isfile(os.path.join(encoder.tokenizer_dir, "tokenizer.json")):
+            raise PPPLError(f"{args.data_prefix}: an indexed dataset holds our tokenizer's ids, and {encoder.name} "
+                            f"has no tokenizer.json to check it against; give --input JSONL instead")
+        check_dataset_tokenizer(args.data_prefix, encoder.tokenizer_dir)
+        doc_range = None
+        if args.split:
+            from megatron_cmbert.data.pretrain_data import TokenDataset
+
+            n_docs = len(TokenDataset(args.data_prefix).lengths)
+            doc_range = split_ranges(args.split, n_docs)[("train", "valid", "test").index(args.split_part)]
+            if doc_range[0] == doc_range[1]:
+                raise PPPLError(f"--split {args.split}: the {args.split_part} part of {args.data_prefix} is empty")
+        return stream_from_prefix(args.data_prefix, pool_tokens, doc_range)
+    from megatron_cmbert.data.jsonl import get_text, iter_records
+
+    if not os.path.isfile(args.input):
+        raise PPPLError(f"{args.input}: no such file")
+    texts = (t for t, _ in (get_text(r, args.json_key) for r in iter_records([args.input])) if t)
+    return stream_from_texts(texts, encoder.tokenizer, pool_tokens, segmenter=args.segmenter)
+
+
+def write_atomic(path: str, write) -> None:
+    """write(tmp_path) into a temporary file beside `path`, renamed into place when it returns."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(obj, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False)
+
+
+def plot(rows: list[dict], path: str, title: str, trained: int | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.get("pppl") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["length"] for r in done]
+    y = [r["pppl"] for r in done]
+    err = [[r["pppl"] - r["ci95"][0] for r in done], [r["ci95"][1] - r["pppl"] for r in done]]
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="PPPL (95% bootstrap interval)")
+    if trained:
+        ax.axvline(trained, color="grey", linestyle="--", label=f"trained length {trained}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.set_xlabel("window length (tokens)")
+    ax.set_ylabel("pseudo-perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    from megatron_cmbert.eval.encoders import encoder_from_args
+    from megatron_cmbert.eval.pppl import encoder_nll_fn, evaluate_lengths
+
+    encoder = encoder_from_args(args).eval()
+    lengths = sorted(set(args.lengths))
+    limit = encoder.length_limit()
+    runnable = [n for n in lengths if limit is None or n <= limit]
+    pool = args.pool_tokens or 2 * (max(runnable or lengths) - 2)
+    tokens, flags = held_out(args, encoder, pool)
+    tok = encoder.tokenizer
+    bar = lambda total, n: tqdm(total=total, desc=f"PPPL @ {n}", unit="unit", file=sys.stderr, disable=args.no_progress)
+    results = evaluate_lengths(encoder_nll_fn(encoder), tokens, flags, runnable, cls_id=tok.cls_token_id,
+                               sep_id=tok.sep_token_id, mask_id=tok.mask_token_id, unit=args.unit,
+                               max_units=args.max_units or None, seed=args.seed, bootstrap=args.bootstrap,
+                               progress_factory=bar, tokens_per_forward=max(args.tokens_per_forward, max(runnable or [1])),
+                               device=encoder.device)
+    by_length = {r.length: r.as_dict() for r in results}
+    trained = encoder.max_length if encoder.kind == "ours" else None
+    rows = []
+    for n in lengths:
+        row = by_length.get(n) or {"length": n, "pppl": None, "reason": f"past the model's {limit} positions"}
+        row["beyond_trained_length"] = bool(trained and n > trained)
+        rows.append(row)
+    return {"model": encoder.name, "kind": encoder.kind, "unit": args.unit, "max_units": args.max_units,
+            "held_out": args.data_prefix or args.input, "split": args.split, "split_part": args.split_part if args.split else None,
+            "pool_tokens": int(len(tokens)), "dtype": str(next(encoder.backbone.parameters()).dtype).replace("torch.", ""),
+            "device": str(encoder.device), "trained_length": trained, "seed": args.seed,
+            "interval": "95% percentile bootstrap over units", "results": rows}
+
+
+def print_table(report: dict) -> None:
+    print(f"PPPL of {report['model']} ({report['kind']}, {report['dtype']}, {report['device']}), unit={report['unit']}, "
+          f"pool {report['pool_tokens']} tokens of {report['held_out']}")
+    print(f"{'length':>7} {'windows':>7} {'units':>6} {'tokens':>7} {'PPPL':>11} {'95% CI':>23}")
+    for r in report["results"]:
+        if r["pppl"] is None:
+            print(f"{r['length']:>7} {'N/A':>7}   ({r['reason']})")
+            continue
+        note = "  (beyond trained length)" if r["beyond_trained_length"] else ""
+        print(f"{r['length']:>7} {r['windows']:>7} {r['units']:>6} {r['masked_tokens']:>7} {r['pppl']:>11.3f} "
+              f"[{r['ci95'][0]:>9.3f}, {r['ci95'][1]:>9.3f}]{note}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
+    from megatron_cmbert.data.dataset_checks import DataConfigError
+    from megatron_cmbert.eval.encoders import EncoderError
+    from megatron_cmbert.eval.pppl import PPPLError
+
+    try:
+        report = run(args)
+    except (EncoderError, PPPLError, DataConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_table(report)
+    write_atomic(args.output_json, lambda tmp: write_json(report, tmp))
+    png = args.plot or os.path.splitext(args.output_json)[0] + ".png"
+    plot(report["results"], png, f"{report['model']} ({report['unit']} units)", report["trained_length"])
+    print(f"wrote {args.output_json} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
