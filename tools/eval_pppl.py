@@ -21,11 +21,8 @@ Writes --output-json (results) and --plot (PPPL against length, 95% intervals), 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
-import warnings
 from typing import Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -94,28 +91,10 @@ def held_out(args, encoder, pool_tokens: int):
     return stream_from_texts(texts, encoder.tokenizer, pool_tokens, segmenter=args.segmenter)
 
 
-def write_atomic(path: str, write) -> None:
-    """write(tmp_path) into a temporary file beside `path`, renamed into place when it returns."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(obj, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, ensure_ascii=False)
-
-
 def plot(rows: list[dict], path: str, title: str, trained: int | None) -> None:
     import matplotlib
+
+    from megatron_cmbert.eval.report import write_atomic
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,19 +166,16 @@ def print_table(report: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
     from megatron_cmbert.data.dataset_checks import DataConfigError
     from megatron_cmbert.eval.encoders import EncoderError
     from megatron_cmbert.eval.pppl import PPPLError
+    from megatron_cmbert.eval.report import run_quietly, write_json
 
-    try:
-        report = run(args)
-    except (EncoderError, PPPLError, DataConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    report = run_quietly(run, args, (EncoderError, PPPLError, DataConfigError))
+    if report is None:
         return 1
     print_table(report)
-    write_atomic(args.output_json, lambda tmp: write_json(report, tmp))
+    write_json(report, args.output_json)
     png = args.plot or os.path.splitext(args.output_json)[0] + ".png"
     plot(report["results"], png, f"{report['model']} ({report['unit']} units)", report["trained_length"])
     print(f"wrote {args.output_json} and {png}")

@@ -153,6 +153,17 @@ def wrap_tokenizer(tokenizer_dir: str, max_length: int):
                                    clean_up_tokenization_spaces=False)
 
 
+def ours_encoder(model, name: str, tokenizer, tokenizer_dir: str | None, max_length: int, device, dtype,
+                 attention_backend: str | None = None) -> Encoder:
+    """An Encoder around one of our CMBertForMaskedLM models (moved to device/dtype, in eval mode)."""
+    model.set_attention_backend(attention_backend)  # None: the kernels' own dispatch (env var, else auto)
+    model.to(device=device, dtype=dtype).eval()
+    config = model.config
+    return Encoder(name=name, kind="ours", backbone=model.model, mlm=model, tokenizer=tokenizer,
+                   hidden_size=config.hidden_size, max_length=max_length, device=torch.device(device),
+                   vocab_size=config.vocab_size, config=config, tokenizer_dir=tokenizer_dir)
+
+
 def _load_ours(load: str, device, dtype, attention_backend) -> Encoder:
     from megatron_cmbert.hf.load import ConversionError, read_checkpoint, reference_model
 
@@ -160,13 +171,8 @@ def _load_ours(load: str, device, dtype, attention_backend) -> Encoder:
         ck = read_checkpoint(load)
     except ConversionError as exc:
         raise EncoderError(str(exc)) from exc
-    model = reference_model(ck.config, ck.state_dict)
-    model.set_attention_backend(attention_backend)  # None: the kernels' own dispatch (env var, else auto)
-    model.to(device=device, dtype=dtype).eval()
-    tokenizer = wrap_tokenizer(ck.tokenizer_dir, ck.seq_length)
-    return Encoder(name=load, kind="ours", backbone=model.model, mlm=model, tokenizer=tokenizer,
-                   hidden_size=ck.config.hidden_size, max_length=ck.seq_length, device=torch.device(device),
-                   vocab_size=ck.config.vocab_size, config=ck.config, tokenizer_dir=ck.tokenizer_dir)
+    return ours_encoder(reference_model(ck.config, ck.state_dict), load, wrap_tokenizer(ck.tokenizer_dir, ck.seq_length),
+                        ck.tokenizer_dir, ck.seq_length, device, dtype, attention_backend)
 
 
 def _hf_kwargs(path: str, dtype, attention_backend) -> dict:
@@ -245,13 +251,9 @@ def random_init_like(encoder: Encoder, seed: int) -> Encoder:
     if encoder.kind == "ours":
         from megatron_cmbert.model import CMBertForMaskedLM
 
-        model = CMBertForMaskedLM(encoder.config)
-        model.set_attention_backend(encoder.mlm.model.layers[0].attn.backend)
-        model.to(device=device, dtype=dtype).eval()
-        return Encoder(name=f"{encoder.name} (random init, seed {seed})", kind="ours", backbone=model.model, mlm=model,
-                       tokenizer=encoder.tokenizer, hidden_size=encoder.hidden_size, max_length=encoder.max_length,
-                       device=device, vocab_size=encoder.vocab_size, config=encoder.config,
-                       tokenizer_dir=encoder.tokenizer_dir)
+        return ours_encoder(CMBertForMaskedLM(encoder.config), f"{encoder.name} (random init, seed {seed})",
+                            encoder.tokenizer, encoder.tokenizer_dir, encoder.max_length, device, dtype,
+                            encoder.mlm.model.layers[0].attn.backend)
     import transformers
 
     kwargs = {"trust_remote_code": True}
