@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -55,20 +56,25 @@ U8Array word_start_flags(const I64Array& token_starts, const I64Array& doc_token
 }
 
 // Greedy sequential packing of documents into samples of at most seq_length tokens, each document
-// piece costing its length + 2 ([CLS], [SEP]); see pack_documents_python for the rules.
-// Returns (pieces int64 (n, 3): document, start, length; sample offsets int64 (m + 1)).
-py::tuple pack_documents(const I64Array& doc_lengths, const I64Array& order, int64_t seq_length,
-                         int64_t min_piece) {
+// piece costing its length + 2 ([CLS], [SEP]); see pack_chunk_python for the rules. Streaming: packs
+// order[0..n) into a sample that already holds `used` tokens, so a long order can be packed chunk by
+// chunk without holding all pieces in memory. Pieces are int32 (document, start, length): documents
+// and lengths come from int32 .idx arrays. Returns (pieces int32 (n, 3), sample ends int64: the local
+// piece count at each sample close, used tokens of the open sample).
+using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+py::tuple pack_chunk(const I32Array& doc_lengths, const I64Array& order, int64_t seq_length,
+                     int64_t min_piece, int64_t used) {
     constexpr int64_t kOverhead = 2;
-    const int64_t* lengths = doc_lengths.data();
+    const int32_t* lengths = doc_lengths.data();
     const int64_t* ord = order.data();
     const auto n_docs = doc_lengths.size();
     const auto n_order = order.size();
-    std::vector<int64_t> pieces;
-    std::vector<int64_t> offsets{0};
+    if (n_docs > INT32_MAX) throw std::invalid_argument("more than 2^31 documents");
+    std::vector<int32_t> pieces;
+    std::vector<int64_t> ends;
     {
         py::gil_scoped_release release;
-        int64_t used = 0;
         for (py::ssize_t k = 0; k < n_order; ++k) {
             const int64_t doc = ord[k];
             if (doc < 0 || doc >= n_docs) throw std::out_of_range("document index outside doc_lengths");
@@ -76,29 +82,29 @@ py::tuple pack_documents(const I64Array& doc_lengths, const I64Array& order, int
             while (remaining > 0) {
                 const int64_t space = seq_length - used - kOverhead;
                 if (used && space < std::min(min_piece, remaining)) {
-                    offsets.push_back(static_cast<int64_t>(pieces.size() / 3));
+                    ends.push_back(static_cast<int64_t>(pieces.size() / 3));  // a sliver: close the sample
                     used = 0;
                     continue;
                 }
                 const int64_t take = std::min(remaining, space);
-                pieces.insert(pieces.end(), {doc, start, take});
+                pieces.insert(pieces.end(), {static_cast<int32_t>(doc), static_cast<int32_t>(start),
+                                             static_cast<int32_t>(take)});
                 used += take + kOverhead;
                 start += take;
                 remaining -= take;
                 if (seq_length - used - kOverhead <= 0) {
-                    offsets.push_back(static_cast<int64_t>(pieces.size() / 3));
+                    ends.push_back(static_cast<int64_t>(pieces.size() / 3));
                     used = 0;
                 }
             }
         }
-        if (used) offsets.push_back(static_cast<int64_t>(pieces.size() / 3));
     }
     const auto n_pieces = static_cast<py::ssize_t>(pieces.size() / 3);
-    py::array_t<int64_t> out_pieces({n_pieces, static_cast<py::ssize_t>(3)});
+    py::array_t<int32_t> out_pieces({n_pieces, static_cast<py::ssize_t>(3)});
     std::copy(pieces.begin(), pieces.end(), out_pieces.mutable_data());
-    py::array_t<int64_t> out_offsets(static_cast<py::ssize_t>(offsets.size()));
-    std::copy(offsets.begin(), offsets.end(), out_offsets.mutable_data());
-    return py::make_tuple(out_pieces, out_offsets);
+    py::array_t<int64_t> out_ends(static_cast<py::ssize_t>(ends.size()));
+    std::copy(ends.begin(), ends.end(), out_ends.mutable_data());
+    return py::make_tuple(out_pieces, out_ends, used);
 }
 
 // Megatron's blending for global samples start .. start+n-1: sample i goes to the dataset d with the
@@ -137,8 +143,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("word_start_flags", &word_start_flags, py::arg("token_starts"),
           py::arg("doc_token_offsets"), py::arg("char_is_start"),
           "uint8 flags: 1 where a token starts a whole-word unit");
-    m.def("pack_documents", &pack_documents, py::arg("doc_lengths"), py::arg("order"), py::arg("seq_length"),
-          py::arg("min_piece"), "(pieces, sample offsets) of greedy [CLS] piece [SEP] packing");
+    m.def("pack_chunk", &pack_chunk, py::arg("doc_lengths"), py::arg("order"), py::arg("seq_length"),
+          py::arg("min_piece"), py::arg("used"),
+          "(pieces, sample ends, used) of greedy [CLS] piece [SEP] packing, continuing an open sample");
     m.def("blend_block", &blend_block, py::arg("weights"), py::arg("counts"), py::arg("start"), py::arg("n"),
           "(dataset, index within dataset) of samples start..start+n-1; updates counts in place");
 }

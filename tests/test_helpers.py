@@ -60,15 +60,27 @@ def test_cpp_and_numpy_agree_on_random_inputs():
 
 @pytest.mark.skipif(not helpers.HAVE_CPP, reason="C++ extension megatron_cmbert._C not built (no compiler)")
 @pytest.mark.parametrize("seq_length,min_piece", [(20, 3), (64, 16), (1024, 16)])
-def test_cpp_and_python_packing_agree(seq_length, min_piece):
+def test_cpp_and_python_packing_agree_chunk_by_chunk(seq_length, min_piece):
     rng = np.random.default_rng(seq_length)
-    lengths = rng.integers(0, 3 * seq_length, size=500)
+    lengths = rng.integers(0, 3 * seq_length, size=500).astype(np.int32)
     order = rng.permutation(500)
-    a = helpers.pack_documents_python(lengths, order, seq_length, min_piece)
-    b = helpers._C.pack_documents(lengths.astype(np.int64), order.astype(np.int64), seq_length, min_piece)
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype == np.int64
-        np.testing.assert_array_equal(x, y)
+    whole = helpers.pack_chunk_python(lengths, order, seq_length, min_piece)
+    used_py = used_cpp = 0
+    got_pieces, got_ends = [], []
+    for chunk in np.split(order, [1, 7, 250, 251]):  # an open sample carries over each cut
+        a = helpers.pack_chunk_python(lengths, chunk, seq_length, min_piece, used_py)
+        b = helpers._C.pack_chunk(lengths, chunk.astype(np.int64), seq_length, min_piece, used_cpp)
+        assert a[0].dtype == b[0].dtype == np.int32 and a[1].dtype == b[1].dtype == np.int64
+        for x, y in zip(a[:2], b[:2]):
+            np.testing.assert_array_equal(x, y)
+        assert a[2] == b[2]
+        got_ends.append(b[1] + sum(len(p) for p in got_pieces))
+        got_pieces.append(b[0])
+        used_py, used_cpp = a[2], b[2]
+    # the chunks together are the one-shot packing
+    assert used_py == whole[2]
+    np.testing.assert_array_equal(np.concatenate(got_pieces), whole[0])
+    np.testing.assert_array_equal(np.concatenate(got_ends), whole[1])
 
 
 @pytest.mark.skipif(not helpers.HAVE_CPP, reason="C++ extension megatron_cmbert._C not built (no compiler)")

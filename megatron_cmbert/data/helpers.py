@@ -53,19 +53,21 @@ def word_start_flags(
     return word_start_flags_numpy(token_starts, doc_token_offsets, char_is_start)
 
 
-def pack_documents_python(doc_lengths: np.ndarray, order: np.ndarray, seq_length: int,
-                          min_piece: int) -> tuple[np.ndarray, np.ndarray]:
-    """Python twin of ``_C.pack_documents`` (see data/packing.py for the rules)."""
-    lengths = np.asarray(doc_lengths, dtype=np.int64)
+def pack_chunk_python(doc_lengths: np.ndarray, order: np.ndarray, seq_length: int, min_piece: int,
+                      used: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Python twin of ``_C.pack_chunk`` (see data/packing.py for the rules): packs the documents of
+    ``order`` into a sample that already holds ``used`` tokens. Returns (pieces int32 (n, 3) rows of
+    (document, start, length), sample ends int64 (local piece count at each sample close), the used
+    tokens of the sample left open)."""
+    lengths = np.asarray(doc_lengths)
     pieces: list[tuple[int, int, int]] = []
-    offsets = [0]
-    used = 0  # tokens of the current sample, [CLS]/[SEP] included
+    ends: list[int] = []
     for doc in np.asarray(order, dtype=np.int64).tolist():
         start, remaining = 0, int(lengths[doc])
         while remaining > 0:
             space = seq_length - used - 2
             if used and space < min(min_piece, remaining):
-                offsets.append(len(pieces))  # close the sample: what is left would be a sliver
+                ends.append(len(pieces))  # close the sample: what is left would be a sliver
                 used = 0
                 continue
             take = min(remaining, space)
@@ -74,11 +76,9 @@ def pack_documents_python(doc_lengths: np.ndarray, order: np.ndarray, seq_length
             start += take
             remaining -= take
             if seq_length - used - 2 <= 0:
-                offsets.append(len(pieces))
+                ends.append(len(pieces))
                 used = 0
-    if used:
-        offsets.append(len(pieces))
-    return np.array(pieces, dtype=np.int64).reshape(-1, 3), np.array(offsets, dtype=np.int64)
+    return np.array(pieces, dtype=np.int32).reshape(-1, 3), np.array(ends, dtype=np.int64), used
 
 
 def blend_block_python(weights: np.ndarray, counts: np.ndarray, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,13 +94,28 @@ def blend_block_python(weights: np.ndarray, counts: np.ndarray, start: int, n: i
     return dataset, within
 
 
+def pack_chunk(doc_lengths: np.ndarray, order: np.ndarray, seq_length: int, min_piece: int,
+               used: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Dispatch to the C++ helper when built, else the Python twin (same output). ``doc_lengths`` should
+    be the int32 lengths of the .idx (passed without a copy); wider arrays are narrowed once."""
+    lengths = np.asarray(doc_lengths)
+    if lengths.dtype != np.int32:
+        if lengths.size and (lengths.min() < 0 or lengths.max() > np.iinfo(np.int32).max):
+            raise ValueError("document lengths must fit int32")
+        lengths = lengths.astype(np.int32)
+    if _C is not None:
+        pieces, ends, used = _C.pack_chunk(lengths, np.ascontiguousarray(order, dtype=np.int64), int(seq_length),
+                                           int(min_piece), int(used))
+        return pieces, ends, int(used)
+    return pack_chunk_python(lengths, order, seq_length, min_piece, used)
+
+
 def pack_documents(doc_lengths: np.ndarray, order: np.ndarray, seq_length: int,
                    min_piece: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dispatch to the C++ helper when built, else the Python twin (same output)."""
-    if _C is not None:
-        return _C.pack_documents(np.ascontiguousarray(doc_lengths, dtype=np.int64),
-                                 np.ascontiguousarray(order, dtype=np.int64), int(seq_length), int(min_piece))
-    return pack_documents_python(doc_lengths, order, seq_length, min_piece)
+    """All of ``order`` packed at once: (pieces int64 (n, 3), sample offsets int64 (m + 1))."""
+    pieces, ends, used = pack_chunk(doc_lengths, order, seq_length, min_piece)
+    offsets = np.concatenate(([0], ends, [len(pieces)] if used else [])).astype(np.int64)
+    return pieces.astype(np.int64), offsets
 
 
 def blend_block(weights: np.ndarray, counts: np.ndarray, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:

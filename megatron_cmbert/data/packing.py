@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from megatron_cmbert.data import helpers
+from megatron_cmbert.data.sample_cache import blend_starts
 
 PIECE_OVERHEAD = 2  # [CLS] and [SEP]
 
@@ -49,31 +50,27 @@ def blend_indices(weights: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.n
 class BlendIndex:
     """``blend_indices`` computed lazily in blocks, so a run of a billion samples holds one block.
 
-    Sample i -> (dataset, index within it). Blocks are computed in order from the per-dataset counts
-    at each block start (kept: a few integers per block); the current block's arrays are cached, and
-    training reads samples in order, so each block is computed about once.
+    Sample i -> (dataset, index within it). Block b is recomputed from the per-dataset counts at its
+    start (``blocks + 1`` rows of a few integers, from data/sample_cache.blend_starts: cached on disk
+    when ``cache_dir`` is given); the current block's arrays are kept, and training reads samples in
+    order, so each block is computed about once per process.
     """
 
-    def __init__(self, weights, n_samples: int, block: int = 1 << 20):
+    def __init__(self, weights, n_samples: int, block: int = 1 << 20, cache_dir: str | None = None):
         self.weights, self.n, self.block = _normalised(weights), int(n_samples), int(block)
-        self._starts = [np.zeros(self.weights.size, dtype=np.int64)]  # counts before block b
+        self._starts = blend_starts(self.weights, self.n, self.block, cache_dir)
         self._cached: tuple[int, np.ndarray, np.ndarray] = (-1, np.empty(0), np.empty(0))
 
     def __len__(self) -> int:
         return self.n
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._cached[0] == b:
-            return self._cached[1], self._cached[2]
-        while len(self._starts) <= b:  # counts at later block starts, by running the earlier blocks
-            k = len(self._starts) - 1
-            counts = self._starts[k].copy()
-            helpers.blend_block(self.weights, counts, k * self.block, self.block)
-            self._starts.append(counts)
-        lo = b * self.block
-        dataset, within = helpers.blend_block(self.weights, self._starts[b].copy(), lo, min(self.block, self.n - lo))
-        self._cached = (b, dataset, within)
-        return dataset, within
+        if self._cached[0] != b:
+            lo = b * self.block
+            counts = np.array(self._starts[b], dtype=np.int64)  # a writable copy: blend_block updates it
+            dataset, within = helpers.blend_block(self.weights, counts, lo, min(self.block, self.n - lo))
+            self._cached = (b, dataset, within)
+        return self._cached[1], self._cached[2]
 
     def __getitem__(self, i: int) -> tuple[int, int]:
         if not 0 <= i < self.n:

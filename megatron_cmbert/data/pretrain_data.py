@@ -7,6 +7,7 @@ resumed run produce exactly the same micro-batches.
 
     --data-path 0.57 PREFIX_A 0.43 PREFIX_B   (PREFIX = tools/preprocess_data.py's ..._text_document)
     --split 98,2,0                            (train / valid / test shares of each dataset's documents)
+    --data-cache-path DIR                     (sample indices, built once; default: cache/ beside each dataset)
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from megatron_cmbert.data.masking import MaskingConfig, mask_tokens, sample_rng
-from megatron_cmbert.data.packing import BlendIndex, pack_documents
+from megatron_cmbert.data.packing import BlendIndex
+from megatron_cmbert.data.sample_cache import EpochCache, check_word_starts, dataset_fingerprint, default_cache_dir
 from megatron_cmbert.data.tokenizer import CLS_ID, SEP_ID
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -49,46 +51,69 @@ def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
 
 
 class TokenDataset:
-    """A token dataset and its word-start flags (``PREFIX`` and ``PREFIX_wordstart``)."""
+    """A token dataset and its word-start flags (``PREFIX`` and ``PREFIX_wordstart``), memory-mapped.
 
-    def __init__(self, prefix: str):
+    ``lengths`` is the int32 view of the ``.idx`` (no copy). With ``check`` the two datasets' document
+    lengths are compared here; the pretraining path instead has the sample cache compare them once per
+    dataset version, so a rank does not read the whole index.
+    """
+
+    def __init__(self, prefix: str, check: bool = True):
         with warnings.catch_warnings():  # megatron-core warns about optional TE/apex at import
             warnings.simplefilter("ignore")
             from megatron.core.datasets.indexed_dataset import IndexedDataset
         self.prefix = prefix
         self.tokens = IndexedDataset(prefix)
         self.word_starts = IndexedDataset(prefix + "_wordstart")
-        if not np.array_equal(self.tokens.sequence_lengths, self.word_starts.sequence_lengths):
+        if check and not np.array_equal(self.tokens.sequence_lengths, self.word_starts.sequence_lengths):
             raise ValueError(f"{prefix}: token and word-start datasets have different document lengths")
-        self.lengths = self.tokens.sequence_lengths.astype(np.int64)
+        self.lengths = self.tokens.sequence_lengths
+
+    def __getstate__(self) -> str:  # pickled (spawned loader workers): reopen, never copy the index
+        return self.prefix
+
+    def __setstate__(self, prefix: str) -> None:
+        self.__init__(prefix, check=False)
 
 
 class PackedSplit:
-    """One dataset's documents of one split, packed; each epoch reshuffles the documents."""
+    """One dataset's documents of one split, packed; each epoch reshuffles the documents. The packing of
+    each epoch is built once into the sample cache (data/sample_cache.py) and memory-mapped."""
 
     def __init__(self, data: TokenDataset, doc_range: tuple[int, int], seq_length: int, seed: int,
-                 dataset_index: int, min_piece: int = 16):
+                 dataset_index: int, min_piece: int = 16, cache_dir: Optional[str] = None):
         self.data, self.seq_length, self.min_piece = data, seq_length, min_piece
-        self.docs = np.arange(*doc_range, dtype=np.int64)
-        self.seed, self.dataset_index = seed, dataset_index
+        self.docs = range(*doc_range)
+        cache_dir = cache_dir or default_cache_dir(data.prefix)
+        fingerprint = dataset_fingerprint(data.prefix)
+        check_word_starts(data.tokens, data.word_starts, data.prefix, cache_dir, fingerprint)
+        self.cache = EpochCache(data.prefix, fingerprint, doc_range, seq_length, seed, dataset_index,
+                                min_piece, cache_dir)
         self._epochs: list[tuple[np.ndarray, np.ndarray]] = []
         self._epoch_starts = [0]
+        self._epoch(0)  # an empty split shows here, as no samples
+
+    @property
+    def epochs_built(self) -> int:
+        return len(self._epochs)
 
     def __bool__(self) -> bool:
-        return bool(self.docs.size) and int(self.data.lengths[self.docs].sum()) > 0
+        return self._epoch_starts[1] > 0
+
+    def __getstate__(self) -> dict:  # loader workers reopen the memory maps rather than pickle their pages
+        return {**self.__dict__, "_epochs": [], "_epoch_starts": [0]}
 
     def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         while len(self._epochs) <= e:
-            k = len(self._epochs)
-            order = np.random.default_rng([self.seed, self.dataset_index, k]).permutation(self.docs)
-            order = order[self.data.lengths[order] > 0]
-            pieces, offsets = pack_documents(self.data.lengths, self.seq_length, order, self.min_piece)
+            pieces, offsets, n = self.cache.open(len(self._epochs), self.data.lengths)
             self._epochs.append((pieces, offsets))
-            self._epoch_starts.append(self._epoch_starts[-1] + len(offsets) - 1)
+            self._epoch_starts.append(self._epoch_starts[-1] + n)
         return self._epochs[e]
 
     def pieces(self, j: int) -> np.ndarray:
         """(n_pieces, 3) rows (document, start, length) of sample j (counting across epochs)."""
+        if not self:
+            raise IndexError("sample of an empty split")
         e = 0
         while True:
             pieces, offsets = self._epoch(e)
@@ -126,23 +151,27 @@ class PretrainSamples:
     """Blended, split, packed and masked samples, addressed by global sample index."""
 
     def __init__(self, data_path: Sequence[str], split: str, which: str, seq_length: int, seed: int,
-                 num_samples: int, masking: MaskingConfig, min_piece: int = 16):
+                 num_samples: int, masking: MaskingConfig, min_piece: int = 16, cache_dir: Optional[str] = None,
+                 blend_block: int = 1 << 20):
         weights, prefixes = parse_data_path(data_path)
         split_index = SPLIT_NAMES.index(which)
         # Each split draws its own document order and masks, even at equal sample indices.
         self.seed, self.masking = seed + 1000 * split_index, masking
         parts, kept = [], []
         for i, (w, prefix) in enumerate(zip(weights, prefixes)):
-            data = TokenDataset(prefix)
+            if w <= 0:
+                continue
+            data = TokenDataset(prefix, check=False)  # the cache checks it once
             part = PackedSplit(data, split_ranges(split, len(data.lengths))[split_index], seq_length,
-                               self.seed, i, min_piece)
-            if part and w > 0:
+                               self.seed, i, min_piece, cache_dir)
+            if part:
                 parts.append(part)
                 kept.append(w)
         if not parts:
             raise ValueError(f"no documents in the {which} split of {', '.join(prefixes)} (--split {split})")
         self.parts, self.weights = parts, np.array(kept, dtype=np.float64)
-        self.blend = BlendIndex(self.weights, num_samples)
+        self.blend = BlendIndex(self.weights, num_samples, blend_block,
+                                cache_dir or default_cache_dir(prefixes[0]))
 
     def __len__(self) -> int:
         return len(self.blend)

@@ -1,0 +1,257 @@
+"""Sample indices built once, cached on disk as ``.npy``, memory-mapped by every rank and loader worker.
+
+What is cached (all under ``--data-cache-path``, default ``cache/`` beside each dataset):
+
+* per (dataset, split document range, sequence length, seed, dataset index, min piece, epoch): the packed
+  ``pieces`` (n, 3) int32 rows (document, start, length) and the ``offsets`` (samples + 1) int64 that cut
+  them into samples -- the document shuffle of that epoch is folded into them and not kept;
+* per dataset: a marker that its token and word-start documents line up (checked once, not per process);
+* per blend (weights, samples, block): the per-dataset sample counts at each block start, from which any
+  block of the blend index is recomputed in milliseconds (Megatron stores the whole index; ours is
+  ``blocks x datasets`` integers, which matters at 10^9 samples).
+
+Entries are named by a hash of everything they depend on (the dataset's fingerprint: path, sizes,
+mtimes and the head and tail bytes of its ``.idx``), so a changed input gets a new name and stale files
+are never read. One process builds an entry while the others wait on an ``fcntl`` lock beside it, so
+ranks, loader workers and separate jobs need no torch.distributed; files appear by rename, and the
+small ``.json`` written last marks an entry complete. Readers open everything with ``mmap_mode="r"``:
+nothing proportional to the number of documents is copied into a process.
+
+The builder's peak memory: the int32 permutation of the split's documents (4 bytes/document, numpy's
+``permutation`` -- identical to the uncached order) and its non-empty subset; pieces stream to disk in
+chunks of ``CHUNK`` documents.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator, Optional
+
+import numpy as np
+
+from megatron_cmbert.data import helpers
+
+FORMAT = 1        # bump when the meaning of a cached file changes
+CHUNK = 1 << 22   # documents packed per C++ call while streaming pieces to disk
+BUILDS = {"epoch": 0, "blend": 0, "check": 0}  # entries this process built (tests check reuse with it)
+
+
+class SampleCacheError(RuntimeError):
+    """A cache entry cannot be built or read (one line naming the path)."""
+
+
+def default_cache_dir(prefix: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache")
+
+
+def dataset_fingerprint(prefix: str) -> dict:
+    """What identifies a dataset's content cheaply: paths, sizes and mtimes of its four files, and a hash
+    of the first and last MiB of each .idx (header, first lengths, last document indices)."""
+    out = {"prefix": os.path.abspath(prefix)}
+    for name in (prefix, prefix + "_wordstart"):
+        for ext in (".idx", ".bin"):
+            path = name + ext
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise SampleCacheError(f"{path}: {exc.strerror}") from None
+            out[os.path.basename(path)] = [st.st_size, st.st_mtime_ns]
+        with open(name + ".idx", "rb") as fh:
+            digest = hashlib.blake2b(fh.read(1 << 20), digest_size=16)
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - (1 << 20)))
+            digest.update(fh.read())
+        out[os.path.basename(name) + ".idx.digest"] = digest.hexdigest()
+    return out
+
+
+def _key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Exclusive lock on ``path`` (created if needed), held across processes until the block ends."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+
+
+def _cached(meta_path: str, build) -> tuple[dict, bool]:
+    """The entry's metadata, building it first (under its lock) when missing. Returns (meta, built here)."""
+    meta = _read_json(meta_path)
+    if meta is not None:
+        return meta, False
+    os.makedirs(os.path.dirname(meta_path), exist_ok=True)
+    with _locked(meta_path[: -len(".json")] + ".lock"):
+        meta = _read_json(meta_path)  # another process may have finished it while we waited
+        if meta is not None:
+            return meta, False
+        meta = build()
+        _write_json(meta_path, meta)
+        return meta, True
+
+
+class _NpyStream:
+    """Rows appended chunk by chunk to a raw temp file, then turned into ``path`` (.npy) by rename."""
+
+    def __init__(self, path: str, dtype, row_shape: tuple = ()):
+        self.path, self.dtype, self.row_shape, self.rows = path, np.dtype(dtype), row_shape, 0
+        self.raw = open(f"{path}.raw{os.getpid()}", "wb")
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        self.raw.write(memoryview(rows).cast("B"))
+        self.rows += len(rows)
+
+    def finish(self) -> None:
+        self.raw.close()
+        tmp = f"{self.path}.tmp{os.getpid()}.npy"
+        with open(tmp, "wb") as out, open(self.raw.name, "rb") as src:
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                      "shape": (self.rows,) + self.row_shape}
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(src, out, 16 << 20)
+        os.remove(self.raw.name)
+        os.replace(tmp, self.path)
+
+    def abort(self) -> None:
+        self.raw.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.raw.name)
+
+
+def check_word_starts(tokens, word_starts, prefix: str, cache_dir: str, fingerprint: dict) -> None:
+    """Token and word-start datasets must have equal document lengths; compared once per dataset version."""
+    stem = os.path.basename(prefix)
+
+    def build() -> dict:
+        BUILDS["check"] += 1
+        a, b = tokens.sequence_lengths, word_starts.sequence_lengths
+        for lo in range(0, max(len(a), len(b)) or 1, CHUNK):  # blockwise: no full-size temporaries
+            if len(a) != len(b) or not np.array_equal(a[lo:lo + CHUNK], b[lo:lo + CHUNK]):
+                raise ValueError(f"{prefix}: token and word-start datasets have different document lengths")
+        return {"format": FORMAT, "dataset": fingerprint, "documents": int(len(a))}
+
+    _cached(os.path.join(cache_dir, f"{stem}-{_key({'check': fingerprint, 'format': FORMAT})}.checked.json"), build)
+
+
+class EpochCache:
+    """The packed samples of one dataset's split, epoch by epoch, built on first use and memory-mapped.
+
+    Epoch k visits the split's non-empty documents in ``default_rng([seed, dataset_index, k])``'s
+    permutation and packs them with data/packing.py's rules.
+    """
+
+    def __init__(self, prefix: str, fingerprint: dict, doc_range: tuple[int, int], seq_length: int, seed: int,
+                 dataset_index: int, min_piece: int, cache_dir: str):
+        self.doc_range = (int(doc_range[0]), int(doc_range[1]))
+        self.seq_length, self.seed, self.dataset_index, self.min_piece = seq_length, seed, dataset_index, min_piece
+        self.inputs = {"format": FORMAT, "dataset": fingerprint, "doc_range": list(self.doc_range),
+                       "seq_length": seq_length, "seed": seed, "dataset_index": dataset_index,
+                       "min_piece": min_piece}
+        self.stem = os.path.join(cache_dir, f"{os.path.basename(prefix)}-{_key(self.inputs)}")
+
+    def paths(self, epoch: int) -> dict:
+        base = f"{self.stem}-e{epoch}"
+        return {"meta": base + ".json", "pieces": base + ".pieces.npy", "offsets": base + ".offsets.npy"}
+
+    def ensure(self, epoch: int, lengths: np.ndarray) -> tuple[dict, bool]:
+        """Build epoch ``epoch`` from the dataset's int32 document ``lengths`` unless cached. Returns (its
+        metadata, whether this call built it)."""
+        return _cached(self.paths(epoch)["meta"], lambda: self._build(epoch, lengths))
+
+    def open(self, epoch: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(pieces, offsets, samples) of ``epoch``, memory-mapped read-only."""
+        meta, _ = self.ensure(epoch, lengths)
+        paths = self.paths(epoch)
+        pieces, offsets = (np.load(paths[k], mmap_mode="r") for k in ("pieces", "offsets"))
+        if len(pieces) != meta["pieces"] or len(offsets) != meta["samples"] + 1:
+            raise SampleCacheError(f"{paths['meta']}: cached arrays do not match their metadata; delete the entry")
+        return pieces, offsets, int(meta["samples"])
+
+    def _build(self, epoch: int, lengths: np.ndarray) -> dict:
+        BUILDS["epoch"] += 1
+        lo, hi = self.doc_range
+        # int32 keeps the shuffle at 4 bytes/document; numpy's shuffle draws the same swaps for any
+        # dtype, so the order equals that of permuting the int64 range (the uncached implementation).
+        dtype = np.int32 if hi <= np.iinfo(np.int32).max else np.int64
+        order = np.random.default_rng([self.seed, self.dataset_index, epoch]).permutation(
+            np.arange(lo, hi, dtype=dtype))
+        order = order[lengths[order] > 0]
+        paths = self.paths(epoch)
+        pieces = _NpyStream(paths["pieces"], np.int32, (3,))
+        ends = _NpyStream(paths["offsets"], np.int64)
+        try:
+            ends.append(np.zeros(1, dtype=np.int64))
+            used = 0
+            for start in range(0, len(order), CHUNK):
+                chunk_pieces, chunk_ends, used = helpers.pack_chunk(
+                    lengths, order[start:start + CHUNK], self.seq_length, self.min_piece, used)
+                ends.append(chunk_ends + pieces.rows)
+                pieces.append(chunk_pieces)
+            if used:
+                ends.append(np.array([pieces.rows], dtype=np.int64))
+            pieces.finish()
+            ends.finish()
+        except BaseException:
+            pieces.abort()
+            ends.abort()
+            raise
+        return {**self.inputs, "epoch": epoch, "documents": int(len(order)), "pieces": pieces.rows,
+                "samples": ends.rows - 1}
+
+
+def blend_starts(weights: np.ndarray, n_samples: int, block: int, cache_dir: Optional[str]) -> np.ndarray:
+    """(blocks + 1, datasets) int64: samples given to each dataset before each block of the blend index,
+    cached under ``cache_dir`` (or computed in memory when it is None)."""
+    n_blocks = -(-int(n_samples) // int(block))
+
+    def compute() -> np.ndarray:
+        starts = np.zeros((n_blocks + 1, len(weights)), dtype=np.int64)
+        counts = np.zeros(len(weights), dtype=np.int64)
+        for b in range(n_blocks):
+            lo = b * block
+            helpers.blend_block(weights, counts, lo, min(block, n_samples - lo))
+            starts[b + 1] = counts
+        return starts
+
+    if cache_dir is None or n_blocks <= 1:  # one block: nothing worth a file
+        return compute()
+    inputs = {"format": FORMAT, "weights": [float(w) for w in weights], "samples": int(n_samples),
+              "block": int(block)}
+    base = os.path.join(cache_dir, f"blend-{_key(inputs)}")
+
+    def build() -> dict:
+        BUILDS["blend"] += 1
+        starts = compute()
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy")
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, starts)
+        os.replace(tmp, base + ".npy")
+        return {**inputs, "blocks": n_blocks}
+
+    _cached(base + ".json", build)
+    return np.load(base + ".npy", mmap_mode="r")
