@@ -13,7 +13,7 @@ from eval_checkpoint import tiny_checkpoint  # noqa: E402
 from megatron_cmbert.data.encode import DocumentEncoder  # noqa: E402
 from megatron_cmbert.data.tokenizer import CLS_ID, MASK_ID, SEP_ID  # noqa: E402
 from megatron_cmbert.eval.encoders import wrap_tokenizer  # noqa: E402
-from megatron_cmbert.eval.pppl import stream_from_texts, summarize  # noqa: E402
+from megatron_cmbert.eval.pppl import paired_ratio, stream_from_texts, summarize  # noqa: E402
 from tools import eval_pppl  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -82,6 +82,9 @@ def test_batched_tool_equals_one_copy_per_forward_fp64(tiny, news_prefix, tmp_pa
         assert row["pppl"] == pytest.approx(expected, rel=1e-5)
         assert row["ci95"][0] < row["pppl"] < row["ci95"][1]
         assert row["beyond_trained_length"] == (length > 32)
+    pair = report["results"][1]["vs_first"]
+    assert pair["base_length"] == 16 and 0 < pair["shared_units"] < report["results"][1]["units"]
+    assert pair["ci95"][0] <= pair["ratio"] <= pair["ci95"][1]
     assert report["results"][0]["units"] < report["results"][0]["masked_tokens"]  # some words span tokens
 
 
@@ -134,9 +137,14 @@ def test_max_units_and_split(tiny, news_prefix, tmp_path):
     assert [r["units"] for r in rows] == [20, 20] and (tmp_path / "p.png").exists()
 
 
-def test_summarize_by_hand():
+def test_summarize_and_paired_ratio_by_hand():
     r = summarize(8, np.array([1.0, 3.0]), np.array([1, 3]), windows=1, bootstrap=0)
     assert r.pppl == pytest.approx(math.exp(1.0)) and r.masked_tokens == 4 and r.mean_nll == 1.0
+    r.unit_nll = {(0, 1): (1.0, 1), (5, 8): (3.0, 3)}
+    other = summarize(16, np.array([2.0, 2.0]), np.array([3, 1]), windows=1, bootstrap=0)
+    other.unit_nll = {(5, 8): (2.0, 3), (9, 10): (2.0, 1)}  # only (5, 8) is shared: 2/3 vs 3/3 nats per token
+    pair = paired_ratio(r, other, bootstrap=0)
+    assert pair["shared_units"] == 1 and pair["ratio"] == pytest.approx(math.exp(2 / 3 - 1))
 
 
 def test_errors_are_one_line(tiny, news_prefix, tmp_path, capsys):

@@ -154,14 +154,19 @@ def run(args) -> dict:
 def print_table(report: dict) -> None:
     print(f"PPPL of {report['model']} ({report['kind']}, {report['dtype']}, {report['device']}), unit={report['unit']}, "
           f"pool {report['pool_tokens']} tokens of {report['held_out']}")
-    print(f"{'length':>7} {'windows':>7} {'units':>6} {'tokens':>7} {'PPPL':>11} {'95% CI':>23}")
+    first = report["results"][0]["length"]
+    print(f"{'length':>7} {'windows':>7} {'units':>6} {'tokens':>7} {'PPPL':>11} {'95% CI':>23}"
+          f" {'x PPPL@' + str(first) + ' (shared units, paired 95% CI)':>44}")
     for r in report["results"]:
         if r["pppl"] is None:
             print(f"{r['length']:>7} {'N/A':>7}   ({r['reason']})")
             continue
         note = "  (beyond trained length)" if r["beyond_trained_length"] else ""
+        pair = r.get("vs_first")
+        paired = "" if not pair else f"{pair['ratio']:.4f} [{pair['ci95'][0]:.4f}, {pair['ci95'][1]:.4f}] " \
+                                     f"on {pair['shared_units']}"
         print(f"{r['length']:>7} {r['windows']:>7} {r['units']:>6} {r['masked_tokens']:>7} {r['pppl']:>11.3f} "
-              f"[{r['ci95'][0]:>9.3f}, {r['ci95'][1]:>9.3f}]{note}")
+              f"[{r['ci95'][0]:>9.3f}, {r['ci95'][1]:>9.3f}] {paired:>44}{note}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

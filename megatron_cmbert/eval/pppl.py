@@ -45,6 +45,8 @@ class Window:
     """[CLS] piece [SEP] ids (int64)."""
     units: list = field(default_factory=list)
     """Scored units as (start, end) token positions inside `tokens`."""
+    offset: int = 0
+    """Stream position of tokens[1] (the first token after [CLS]): identifies a unit across lengths."""
 
 
 @dataclass
@@ -56,10 +58,15 @@ class LengthResult:
     masked_tokens: int
     windows: int
     mean_nll: float
+    unit_nll: dict = field(default_factory=dict, repr=False)
+    """(stream start, stream end) of each scored unit -> (NLL, masked tokens): for paired comparisons."""
+    vs_first: dict | None = None
+    """PPPL ratio to the first length on the units both scored, with a paired bootstrap interval."""
 
     def as_dict(self) -> dict:
         return {"length": self.length, "pppl": self.pppl, "ci95": list(self.ci95), "units": self.units,
-                "masked_tokens": self.masked_tokens, "windows": self.windows, "mean_nll": self.mean_nll}
+                "masked_tokens": self.masked_tokens, "windows": self.windows, "mean_nll": self.mean_nll,
+                "vs_first": self.vs_first}
 
 
 # ---- windows and units --------------------------------------------------------------------------------
@@ -91,7 +98,7 @@ def cut_windows(tokens: np.ndarray, flags: np.ndarray, length: int, *, cls_id: i
     for w in range(count):
         lo = w * body
         spans = unit_spans(flags[lo:lo + body], unit)
-        windows.append(Window(np.concatenate(([cls_id], tokens[lo:lo + body], [sep_id])).astype(np.int64)))
+        windows.append(Window(np.concatenate(([cls_id], tokens[lo:lo + body], [sep_id])).astype(np.int64), offset=lo))
         chosen += [(key[lo + s], w, s + 1, e + 1) for s, e in spans.tolist()]  # +1: after [CLS]
     if max_units is not None and len(chosen) > max_units:
         chosen = sorted(chosen)[:max_units]
@@ -197,8 +204,34 @@ def evaluate_lengths(nll_fn, tokens: np.ndarray, flags: np.ndarray, lengths, *, 
         finally:
             if bar is not None:
                 bar.close()
-        results.append(summarize(length, nll, count, len(windows), bootstrap=bootstrap, seed=seed))
+        result = summarize(length, nll, count, len(windows), bootstrap=bootstrap, seed=seed)
+        keys = [(w.offset + s - 1, w.offset + e - 1) for w in windows for s, e in w.units]
+        result.unit_nll = dict(zip(keys, zip(nll.tolist(), count.tolist())))
+        if results:
+            result.vs_first = paired_ratio(results[0], result, bootstrap=bootstrap, seed=seed)
+        results.append(result)
     return results
+
+
+def paired_ratio(base: LengthResult, other: LengthResult, *, bootstrap: int = 1000, seed: int = 0) -> dict | None:
+    """PPPL(other) / PPPL(base) on the units both scored (same stream span), with a 95% percentile
+    bootstrap that resamples those units jointly: context is the only difference, so this interval is
+    much tighter than comparing the two lengths' own intervals."""
+    shared = sorted(set(base.unit_nll) & set(other.unit_nll))
+    if not shared:
+        return None
+    a = np.array([base.unit_nll[k] for k in shared], dtype=np.float64)
+    b = np.array([other.unit_nll[k] for k in shared], dtype=np.float64)
+
+    def ratio(rows):
+        return np.exp(b[rows, 0].sum(-1) / b[rows, 1].sum(-1) - a[rows, 0].sum(-1) / a[rows, 1].sum(-1))
+
+    point = float(ratio(np.arange(len(shared))))
+    lo = hi = point
+    if bootstrap > 0 and len(shared) > 1:
+        picks = np.random.default_rng(seed).integers(0, len(shared), size=(bootstrap, len(shared)))
+        lo, hi = (float(x) for x in np.percentile(ratio(picks), [2.5, 97.5]))
+    return {"base_length": base.length, "shared_units": len(shared), "ratio": point, "ci95": [lo, hi]}
 
 
 def model_nll_fn(mlm):
