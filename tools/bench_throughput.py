@@ -142,15 +142,15 @@ def print_tables(report: dict) -> None:
     note = "" if same else "; the paper's figures are for 8k x 8 and 512 x 32 on one A100 in bf16"
     print(f"\nTable 4: inference throughput, {report['dtype']}, mean tokens/s of {report['runs']} runs after "
           f"{report['warmup']} warm-up{note}")
-    head = f"{'Model':<44} {'Layers':>6} {'Hidden x Head':>13} {'Arch.':>11} {'PosEnc':>8} {'Attn':>12}"
+    head = f"{'Model':<44} {'Layers':>6} {'Hidden x Head':>13} {'Arch.':>17} {'PosEnc':>8} {'Attn':>12}"
     print(head + "".join(f" {'Tok/s (' + l + ')':>18}" for l in labels))
     for row in report["rows"]:
         cells = "".join(f" {_fmt(b['tokens_per_s']):>18}" for b in row["buckets"])
         print(f"{row['label'][:44]:<44} {row['layers']!s:>6} {str(row['hidden']) + 'x' + str(row['heads']):>13} "
-              f"{row['arch'][:11]:>11} {row['posenc']:>8} {row['attn']:>12}{cells}")
+              f"{row['arch'][:17]:>17} {row['posenc']:>8} {row['attn']:>12}{cells}")
         paper = PAPER_TABLE4.get(row["paper_row"] or "")
         if paper:
-            print(f"{'  paper (A100): ' + row['paper_row']:<44}" + " " * 55 +
+            print(f"{'  paper (A100): ' + row['paper_row']:<44}" + " " * 61 +
                   "".join(f" {_fmt(v) + ' @' + l:>18}" for v, l in zip(paper, paper_labels)))
     print(f"\nTable 5: tokenizer compression (chars/token) and parameter budget (encoder body, no head)")
     print(f"{'Model':<44} {'Params (M)':>10} {'Emb.%':>6} {'Vocab Size':>10}" + "".join(f" {'C/T (' + l + ')':>16}"

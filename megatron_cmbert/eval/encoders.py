@@ -109,6 +109,13 @@ class Encoder:
         to = lambda t: None if t is None else t.to(self.device)
         return to(ids), to(mask), to(types)
 
+    def require_tokens(self, *names: str) -> None:
+        """EncoderError unless the tokenizer defines these special tokens (e.g. "mask_token"): some HF
+        encoders (decoder-based embedders) have no [CLS] or [MASK], which only some uses need."""
+        missing = [n for n in names if getattr(self.tokenizer, n, None) is None]
+        if missing:
+            raise EncoderError(f"{self.name}: the tokenizer defines no {', '.join(missing)}")
+
     def length_limit(self) -> int | None:
         """The longest input the model can take at all: max_position_embeddings for learned absolute
         positions (BERT/RoBERTa), None for rotary or ALiBi models (ours runs past its trained length)."""
@@ -213,9 +220,6 @@ def _hf_encoder(path, tokenizer, backbone, mlm, device, dtype) -> Encoder:
         if model is not None:
             model.to(device=device, dtype=dtype).eval()
     config = (mlm or backbone).config
-    missing = [n for n in ("cls_token", "sep_token", "mask_token", "pad_token") if getattr(tokenizer, n, None) is None]
-    if missing:
-        raise EncoderError(f"{path}: the tokenizer defines no {', '.join(missing)}")
     max_length = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
     vocab = len(tokenizer) if mlm is None else int(mlm.config.vocab_size)
     return Encoder(name=path, kind="hf", backbone=backbone, mlm=mlm, tokenizer=tokenizer,

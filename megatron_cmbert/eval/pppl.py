@@ -248,6 +248,7 @@ def encoder_nll_fn(encoder):
     the labelled rows)."""
     if encoder.mlm is None:
         raise PPPLError(f"{encoder.name}: no MLM head, so no pseudo-perplexity")
+    encoder.require_tokens("cls_token", "sep_token", "mask_token")
     if encoder.kind == "ours":
         return model_nll_fn(encoder.mlm)
 
