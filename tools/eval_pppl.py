@@ -14,7 +14,8 @@ token (--unit token) is masked in turn in its own copy of its window, many copie
 length scores nearly the same tokens with more or less context. PPPL = exp(mean NLL over masked tokens);
 the 95% interval is a percentile bootstrap over units. A model trained at 1k shows where it degrades
 beyond 1k; Stage II should flatten that curve. Lengths past a model's learned position table (BERT) are
-reported as N/A; ours (RoPE) runs past its trained length, marked in the table.
+reported as N/A; rotary models (ours) run past their trained length (an HF model's max_position_embeddings),
+marked in the table and by a dashed line in the plot.
 
 Writes --output-json (results) and --plot (PPPL against length, 95% intervals), each by rename when complete.
 """
@@ -138,7 +139,8 @@ def run(args) -> dict:
                                progress_factory=bar, tokens_per_forward=max(args.tokens_per_forward, max(runnable or [1])),
                                device=encoder.device)
     by_length = {r.length: r.as_dict() for r in results}
-    trained = encoder.max_length if encoder.kind == "ours" else None
+    # ours: the trained --seq-length; hf: max_position_embeddings (our exports write the trained length there)
+    trained = encoder.max_length
     rows = []
     for n in lengths:
         row = by_length.get(n) or {"length": n, "pppl": None, "reason": f"past the model's {limit} positions"}
