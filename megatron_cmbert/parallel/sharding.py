@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def _is_split(param) -> bool:
+def is_tensor_parallel(param) -> bool:
+    """Whether `param` is split over tensor-parallel ranks (megatron-core marks it `tensor_model_parallel`)."""
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
@@ -24,7 +25,7 @@ def _tp_group():
 
 def gather_full(shard: torch.Tensor, param) -> torch.Tensor:
     """All-gather a shard (a parameter or its grad) of `param` into the full tensor; identity if replicated."""
-    if not _is_split(param):
+    if not is_tensor_parallel(param):
         return shard
     group = _tp_group()
     pieces = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
@@ -34,7 +35,7 @@ def gather_full(shard: torch.Tensor, param) -> torch.Tensor:
 
 def shard_of(full: torch.Tensor, param) -> torch.Tensor:
     """This rank's slice of a full tensor, shaped like `param`."""
-    if not _is_split(param):
+    if not is_tensor_parallel(param):
         return full
     from megatron.core import parallel_state
 

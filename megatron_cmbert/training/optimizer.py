@@ -35,14 +35,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from megatron_cmbert.parallel.sharding import is_tensor_parallel
+
 # Embedding classes for the `decay_embeddings=False` ablation, matched by type (an embedding weight is 2-D
 # like a linear one, so ndim cannot tell them apart). megatron-core's VocabParallelEmbedding and this repo's
 # Embedding are added in embedding_types() without importing megatron here.
 EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
-
-
-def _sharded(param) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
 
 
 def _active(group) -> bool:
@@ -116,7 +114,7 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, tp_group=Non
     squares = torch.zeros(2, dtype=torch.float64, device=device)
     for p in params:
         norm = torch.linalg.vector_norm(p.grad.detach(), 2.0, dtype=torch.float32).double()
-        squares[0 if _sharded(p) else 1] += norm * norm
+        squares[0 if is_tensor_parallel(p) else 1] += norm * norm
     if _active(tp_group):
         sharded = squares[:1].clone()
         _all_reduce_sum(sharded, tp_group)
@@ -198,8 +196,8 @@ class StableAdamW(torch.optim.Optimizer):
         sums = torch.stack(sums)
         counts = torch.tensor(counts, dtype=torch.float64, device=sums.device)
         if _active(self.tp_group):
-            idx = torch.tensor([i for i, (_, p, _, _) in enumerate(work) if _sharded(p)], dtype=torch.long,
-                               device=sums.device)
+            split = [i for i, (_, p, _, _) in enumerate(work) if is_tensor_parallel(p)]
+            idx = torch.tensor(split, dtype=torch.long, device=sums.device)
             if idx.numel():
                 packed = torch.cat([sums[idx], counts[idx]])
                 _all_reduce_sum(packed, self.tp_group)
