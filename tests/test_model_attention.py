@@ -5,8 +5,9 @@ import logging
 import pytest
 import torch
 
-from megatron_cmbert.kernels.attention import BACKENDS, attention, clear_auto_choice, select_backend
+from megatron_cmbert.kernels.attention import BACKENDS, attention
 from megatron_cmbert.kernels.attention_reference import attention_reference
+from megatron_cmbert.kernels.registry import REGISTRY, KernelError, KernelSet
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
 from dense_attention import dense_fp64
@@ -54,7 +55,7 @@ def test_flex_forward_on_cpu_matches_dense(window):
     pytest.importorskip("torch.nn.attention.flex_attention", reason="needs torch with FlexAttention")
     lengths = [5, 17, 1, 9]
     q, k, v = packed_qkv(lengths, head_dim=16)
-    out = BACKENDS["flex"].load()(q, k, v, cu_seqlens_from_lengths(lengths), 17, window=window)
+    out = REGISTRY["attention", "flex"].load()(q, k, v, cu_seqlens_from_lengths(lengths), 17, window=window)
     torch.testing.assert_close(out.double(), dense_fp64(q, k, v, lengths, window), atol=2e-6, rtol=0)
 
 
@@ -64,7 +65,7 @@ def test_flex_forward_on_cpu_matches_dense(window):
 def test_gpu_backends_match_reference(name, window):
     lengths = [100, 300, 37]
     q, k, v = (t.cuda().bfloat16() for t in packed_qkv(lengths, heads=4, head_dim=64))
-    reason = BACKENDS[name].unavailable_reason(q)
+    reason = REGISTRY["attention", name].unavailable_reason(q.device, q.dtype)
     if reason:
         pytest.skip(f"{name}: {reason}")
     cu = cu_seqlens_from_lengths(lengths, device="cuda")
@@ -74,31 +75,40 @@ def test_gpu_backends_match_reference(name, window):
     assert error <= 2 * bf16_error + 1e-6  # flash-attention's rule: at most 2x PyTorch's own bf16 error
 
 
-def test_environment_variable_selects_backend(monkeypatch):
-    q = torch.zeros(4, 1, 2)
-    monkeypatch.setenv("CMBERT_ATTN_BACKEND", "reference")
-    assert select_backend(q) == "reference"
-    monkeypatch.setenv("CMBERT_ATTN_BACKEND", "nonsense")
+def test_backends_are_the_registrys_in_auto_order():
+    assert BACKENDS == ("flash_attn", "triton", "flex", "reference")
+
+
+def test_config_names_the_attention_backend(monkeypatch):
+    from megatron_cmbert.model import CMBertForMaskedLM, get_preset
+
+    monkeypatch.delenv("CMBERT_KERNEL_BACKEND", raising=False)
+    model = CMBertForMaskedLM(get_preset("tiny", kernel_overrides="attention=flex"))
+    assert [layer.attn.backend for layer in model.model.layers] == ["flex"] * 3
+    model.set_attention_backend("reference")  # the older switch, kept for callers of before the config field
+    assert model.kernels.names["attention"] == "reference"
     with pytest.raises(ValueError, match="unknown attention backend 'nonsense'"):
-        select_backend(q)
-    assert select_backend(q, backend="flex") == "flex"  # the argument wins over the environment
+        get_preset("tiny", kernel_overrides="attention=nonsense")
 
 
-def test_unavailable_backend_says_why():
+def test_unavailable_backend_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine outside the kernel tests
     q, k, v = packed_qkv([4])
-    with pytest.raises(RuntimeError, match="'triton' cannot run here"):
+    with pytest.raises(KernelError, match="'flex' cannot run on cpu torch.float32: needs CUDA tensors"):
+        KernelSet("reference", "attention=flex").attention(q, k, v, cu_seqlens_from_lengths([4]), 4)
+    with pytest.raises(KernelError, match="'triton' cannot run on cpu"):
         attention(q, k, v, cu_seqlens_from_lengths([4]), 4, backend="triton")
 
 
 def test_auto_picks_reference_on_cpu_and_logs_once(monkeypatch, caplog):
-    monkeypatch.delenv("CMBERT_ATTN_BACKEND", raising=False)
-    clear_auto_choice()
+    monkeypatch.delenv("CMBERT_KERNEL_BACKEND", raising=False)
+    kernels = KernelSet()
     q, k, v = packed_qkv([3, 4])
     cu = cu_seqlens_from_lengths([3, 4])
-    with caplog.at_level(logging.INFO, logger="megatron_cmbert.kernels.attention"):
-        attention(q, k, v, cu, 4)
-        attention(q, k, v, cu, 4)
-    messages = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+    with caplog.at_level(logging.INFO, logger="megatron_cmbert.kernels.registry"):
+        kernels.attention(q, k, v, cu, 4)
+        kernels.attention(q, k, v, cu, 4)
+    messages = [r.getMessage() for r in caplog.records if "kernel auto for attention" in r.getMessage()]
     assert len(messages) == 1 and ": reference (skipped" in messages[0]
     assert "flex: needs CUDA tensors" in messages[0]
 

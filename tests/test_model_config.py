@@ -1,13 +1,14 @@
 """Model configuration: validation, presets, the global/local pattern and per-layer RoPE theta of the spec,
 and the parameter counts of the paper (Table 5: 377.0M, 9.0% embedding at vocab 32,979)."""
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
+from megatron_cmbert.kernels.reference import rope_reference
 from megatron_cmbert.model import CMBertForMaskedLM, ModelConfig, count_parameters, get_preset
-from megatron_cmbert.model.layers import rotary_cos_sin
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -59,7 +60,11 @@ def test_model_layers_carry_the_theta_and_window_of_their_type():
 
 def test_rotary_frequencies_match_the_formula():
     positions = torch.tensor([0, 1, 7])
-    cos, sin = rotary_cos_sin(positions, head_dim=8, theta=80_000.0)
+    # Rotating unit vectors reads cos and sin back: e_i -> cos at i, sin at i + d/2 (rotate_half layout).
+    unit = torch.eye(8)[None].expand(3, 8, 8)  # (tokens, "heads" = which unit vector, head_dim)
+    rotated, _ = rope_reference(unit, unit, positions, 80_000.0)
+    cos = torch.stack([rotated[:, i, i] for i in range(4)] * 2, dim=1)
+    sin = torch.stack([rotated[:, i, i + 4] for i in range(4)] * 2, dim=1)
     for row, p in enumerate([0, 1, 7]):
         for i in range(4):  # inv_freq_i = 1 / theta^(2i/d), both halves share it (rotate_half layout)
             angle = p / 80_000.0 ** (2 * i / 8)
@@ -113,3 +118,14 @@ def test_initialisation_is_truncated_normal_with_depth_scaled_outputs():
             assert p.abs().max() <= 2 * std, name  # truncated at 2 sigma
             # a normal truncated at 2 sigma has std 0.880 sigma; thousands of samples pin it to a few %
             assert abs(p.std().item() / (0.880 * std) - 1) < 0.05, name
+
+
+def test_kernel_fields_survive_config_json_and_old_configs_load():
+    config = get_preset("tiny", kernel_backend="reference", kernel_overrides="attention=flex")
+    saved = json.loads(json.dumps(dataclasses.asdict(config)))
+    assert ModelConfig(**saved).kernel_overrides == "attention=flex"
+    old = {k: v for k, v in saved.items() if not k.startswith("kernel_")}  # a checkpoint from before the fields
+    assert ModelConfig(**old).kernel_backend == "auto" and ModelConfig(**old).kernel_overrides == ""
+    assert ModelConfig(**old) == config  # the kernels are not part of the architecture (compare=False)
+    with pytest.raises(ValueError, match="unknown kernel backend 'flex'"):
+        get_preset("tiny", kernel_backend="flex")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import statistics
 import sys
@@ -50,17 +51,15 @@ class Rows(list):
             os.replace(f"{self.path}.partial", self.path)
 
 
-def _launch(block_m, block_n, warps, stages):
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-
-
 # Launch settings --attention-sweep times against attention_triton's defaults, one kernel at a time. Each
 # compiles for sm_90a without spilling (tools/compile_kernels.py's check, Triton 3.6); the dK/dV kernel's
 # BLOCK_N and the dQ kernel's BLOCK_M are the rows it owns, BLOCK_N/BLOCK_M the other side it walks.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): attention_triton.Blocks fields, kept as tuples so that importing
+# this tool does not import Triton (its interpreter mode is fixed at that import).
 SWEEP = {
-    "fwd": [_launch(128, 64, 8, 3), _launch(128, 128, 8, 3), _launch(64, 64, 4, 3), _launch(128, 64, 4, 4)],
-    "dkdv": [_launch(64, 128, 8, 2), _launch(64, 64, 4, 3), _launch(16, 128, 8, 3)],
-    "dq": [_launch(128, 32, 8, 2), _launch(128, 64, 8, 2), _launch(64, 64, 4, 3)],
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
+    "dkdv": [(64, 128, 8, 2), (64, 64, 4, 3), (16, 128, 8, 3)],
+    "dq": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
 }
 
 
@@ -214,32 +213,29 @@ def attention_sweep(args, device, dtype, bench, sink):
     cu = cu_seqlens_from_lengths(lengths, device=device)
     q, k, v = (torch.randn(sum(lengths), heads, head_dim, device=device, dtype=dtype) for _ in range(3))
     sweep = {kind: options[:1] for kind, options in SWEEP.items()} if args.smoke else SWEEP
-    try:
-        for window in ((-1, -1), (64, 64)):
-            case = f"S={seq} w={'global' if window[0] < 0 else 2 * window[0]}"
-            def fn(q, k, v, window=window):
-                return attention_triton.attention_triton(q, k, v, cu, seq, window=window)
-            for kind, options in sweep.items():
-                mode = "fwd" if kind == "fwd" else "bwd"
-                default_ms = None
-                for option in [None, *options]:
-                    attention_triton.CONFIG_OVERRIDES.clear()
-                    if option is not None:
-                        attention_triton.CONFIG_OVERRIDES[kind] = option
-                    label = f"{kind} default" if option is None else f"{kind} {option['BLOCK_M']}x{option['BLOCK_N']} " \
-                        f"w{option['num_warps']} s{option['num_stages']}"
-                    try:
-                        ms = bench(make_runner(fn, (q, k, v), mode))
-                    except Exception as error:  # a setting that cannot run is reported, not fatal
-                        print(f"  sweep {case} {label}: failed ({type(error).__name__}: {error})"[:200])
-                        continue
-                    default_ms = ms if option is None else default_ms
-                    ratio = round(ms / default_ms, 3) if default_ms else ""
-                    sink.add(dict(op="attention_sweep", case=case, mode=mode, impl=label, ms=round(ms, 4),
-                                  rate="", unit="", pct_peak="", speedup_vs_this=ratio))
-                    print(f"  sweep {case} {label}: {ms:.3f} ms ({ratio}x the default's time)", flush=True)
-    finally:
-        attention_triton.CONFIG_OVERRIDES.clear()
+    default = attention_triton.AttentionConfig.for_inputs(dtype, head_dim)
+    for window in ((-1, -1), (64, 64)):
+        case = f"S={seq} w={'global' if window[0] < 0 else 2 * window[0]}"
+        for kind, options in sweep.items():
+            mode = "fwd" if kind == "fwd" else "bwd"
+            default_ms = None
+            for option in [None, *options]:
+                blocks = None if option is None else attention_triton.Blocks(*option)
+                config = default if blocks is None else dataclasses.replace(default, **{kind: blocks})
+
+                def fn(q, k, v, window=window, config=config):
+                    return attention_triton.attention_triton(q, k, v, cu, seq, window=window, config=config)
+                label = f"{kind} default" if blocks is None else f"{kind} {blocks.describe()}"
+                try:
+                    ms = bench(make_runner(fn, (q, k, v), mode))
+                except Exception as error:  # a setting that cannot run is reported, not fatal
+                    print(f"  sweep {case} {label}: failed ({type(error).__name__}: {error})"[:200])
+                    continue
+                default_ms = ms if option is None else default_ms
+                ratio = round(ms / default_ms, 3) if default_ms else ""
+                sink.add(dict(op="attention_sweep", case=case, mode=mode, impl=label, ms=round(ms, 4),
+                              rate="", unit="", pct_peak="", speedup_vs_this=ratio))
+                print(f"  sweep {case} {label}: {ms:.3f} ms ({ratio}x the default's time)", flush=True)
     rows = [r for r in sink if r["op"] == "attention_sweep"]
     for case in dict.fromkeys(r["case"] for r in rows):
         for kind in sweep:

@@ -4,9 +4,10 @@
     python tools/compile_kernels.py --full          # + fp16/fp32 and head_dims 32/128 (slower)
     python tools/compile_kernels.py --capability 80 # A100
 
-Runs the real launch code (custom ops, forward and backward) on small CPU tensors inside
-kernels/triton_compile_only.compile_only(): each launch is specialised and compiled as on the GPU, down to the
-cubin, and ptxas reports registers and spills. Prints one row per distinct compiled kernel and exits 1 when a
+Builds the kernel files' own launch records (forward and backward, the GPU launch settings) for small CPU
+tensors and compiles each with kernels/triton_compile_only.Compiler: specialised as on the GPU, down to the
+cubin, and ptxas reports registers and spills. Nothing runs. Needs TRITON_INTERPRET unset (tests run this
+tool in a subprocess of its own for that reason). Prints one row per distinct compiled kernel and exits 1 when a
 kernel fails to compile or would not launch (shared memory or registers over the card's limit). Spills are
 reported, not failed: they cost speed, not correctness.
 
@@ -23,43 +24,52 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def attention_launches(dtype: torch.dtype, head_dim: int, heads: int = 2) -> None:
-    from megatron_cmbert.kernels.attention_triton import attention_backward, attention_forward
+# Each *_launches function returns the kernel file's own Launch records for CPU tensors shaped like the
+# model's; this process has Triton in compiled mode, so the records carry the GPU launch settings.
+def attention_launches(dtype: torch.dtype, head_dim: int, heads: int = 2) -> list:
+    from megatron_cmbert.kernels.attention_triton import AttentionConfig, backward_launches, forward_launches
 
     cu = torch.tensor([0, 100, 256], dtype=torch.int32)
     q, k, v = (torch.zeros(256, heads, head_dim, dtype=dtype) for _ in range(3))
-    scale = head_dim ** -0.5
+    scale, config = head_dim ** -0.5, AttentionConfig.for_inputs(dtype, head_dim, gpu=True)
+    launches = []
     for left, right in ((64, 64), (-1, -1)):  # the model's local and global layers
-        out, lse = attention_forward(q, k, v, cu, 156, left, right, scale)
-        attention_backward(torch.zeros_like(out), q, k, v, out, lse, cu, 156, left, right, scale)
+        out, lse, forward = forward_launches(q, k, v, cu, 156, left, right, scale, config)
+        *_, backward = backward_launches(torch.zeros_like(out), q, k, v, out, lse, cu, 156, left, right, scale,
+                                         config)
+        launches += forward + backward
+    return launches
 
 
-def rope_launches(dtype: torch.dtype, head_dim: int, heads: int = 16) -> None:
-    from megatron_cmbert.kernels.rope_triton import rope_op
+def rope_launches(dtype: torch.dtype, head_dim: int, heads: int = 16) -> list:
+    from megatron_cmbert.kernels.rope_triton import RopeConfig, rope_launches as build
 
     # q and k as views into a fused (tokens, 3, heads, head_dim) QKV output, as the model passes them.
     qkv = torch.zeros(256, 3, heads, head_dim, dtype=dtype)
     positions = torch.arange(256, dtype=torch.int64)
     inv_freq = torch.ones(head_dim // 2, dtype=torch.float32)
-    for conjugate in (False, True):  # forward, backward
-        rope_op(qkv[:, 0], qkv[:, 1], positions, inv_freq, conjugate)
+    config = RopeConfig.for_inputs(head_dim, gpu=True)
+    return [launch for conjugate in (False, True)  # forward, backward
+            for launch in build(qkv[:, 0], qkv[:, 1], positions, inv_freq, conjugate, config)[2]]
 
 
-def geglu_launches(dtype: torch.dtype, intermediate: int = 2624) -> None:
-    from megatron_cmbert.kernels.geglu_triton import geglu_backward, geglu_forward
+def geglu_launches(dtype: torch.dtype, intermediate: int = 2624) -> list:
+    from megatron_cmbert.kernels.geglu_triton import GegluConfig, geglu_launches as build
 
     x = torch.zeros(64, 2 * intermediate, dtype=dtype)
-    for interleaved in (True, False):  # the model's layout, the HF layout
-        y = geglu_forward(x, interleaved)
-        geglu_backward(torch.zeros_like(y), x, interleaved)
+    y = torch.zeros(64, intermediate, dtype=dtype)
+    config = GegluConfig.default(gpu=True)
+    return [launch for interleaved in (True, False)  # the model's layout, the HF layout
+            for grad in (None, y) for launch in build(x, grad, interleaved, config)[1]]
 
 
-def rms_norm_launches(dtype: torch.dtype, hidden: int = 1024) -> None:
-    from megatron_cmbert.kernels.rms_norm_triton import rms_norm_backward, rms_norm_forward
+def rms_norm_launches(dtype: torch.dtype, hidden: int = 1024) -> list:
+    from megatron_cmbert.kernels.rms_norm_triton import RmsNormConfig, backward_launches, forward_launches
 
     x, weight = torch.zeros(64, hidden, dtype=dtype), torch.ones(hidden, dtype=dtype)
-    y, rstd = rms_norm_forward(x, weight, 1e-5)
-    rms_norm_backward(torch.zeros_like(y), x, weight, rstd)
+    config = RmsNormConfig.for_hidden(hidden, gpu=True)
+    y, rstd, forward = forward_launches(x, weight, 1e-5, config)
+    return forward + backward_launches(torch.zeros_like(y), x, weight, rstd, config)[2]
 
 
 def cases(full: bool):
@@ -80,19 +90,21 @@ def cases(full: bool):
 
 def compile_all(capability: int = 90, full: bool = False, report=print):
     """Compile every case; returns (records, failures) where failures are (label or kernel, message)."""
-    from megatron_cmbert.kernels.triton_compile_only import compile_only, resource_problems
+    from megatron_cmbert.kernels.triton_compile_only import Compiler, resource_problems
 
     failures = []
-    with compile_only(capability=capability) as records:
-        for label, launch in cases(full):
-            begin, before = time.perf_counter(), len(records)
-            try:
-                launch()
-            except Exception as error:  # noqa: BLE001 - a compile error of any kind is the finding
-                failures.append((label, f"{type(error).__name__}: {error}"))
-                report(f"  {label}: FAILED to compile")
-                continue
-            report(f"  {label}: {len(records) - before} kernels in {time.perf_counter() - begin:.1f} s")
+    compiler = Compiler(capability=capability)
+    records = compiler.records
+    for label, launches in cases(full):
+        begin, before = time.perf_counter(), len(records)
+        try:
+            for launch in launches():
+                compiler.compile(launch)
+        except Exception as error:  # noqa: BLE001 - a compile error of any kind is the finding
+            failures.append((label, f"{type(error).__name__}: {error}"))
+            report(f"  {label}: FAILED to compile")
+            continue
+        report(f"  {label}: {len(records) - before} kernels in {time.perf_counter() - begin:.1f} s")
     for record in records:
         failures += [(record.describe(), problem) for problem in resource_problems(record, capability)]
     return records, failures
@@ -128,9 +140,9 @@ def main(argv=None) -> int:
                         help="CUDA compute capability to compile for (90 = H100/H200, 80 = A100)")
     parser.add_argument("--full", action="store_true", help="also fp16/fp32 and head_dim 32/128 everywhere")
     args = parser.parse_args(argv)
-    from megatron_cmbert.kernels.triton_utils import interpreter_enabled
+    from megatron_cmbert.kernels.triton_utils import interpreter_requested
 
-    if interpreter_enabled():
+    if interpreter_requested():
         print("error: TRITON_INTERPRET is set, so Triton builds interpreter-only kernels; unset it to compile "
               "them for a GPU", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ OUT_DIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # no install, so the C++ extension is never built
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET                                # compiled kernels on the GPU
+export TRITON_INTERPRET=0                            # compiled kernels on the GPU (tests default to 1 on CPU)
 PY="${PYTHON:-python3}"
 TEST_ARGS=(-v -p no:cacheprovider --timeout 150 -x -rs)   # -v: the log names each test that passed
 # The GPU tests are bound by Triton compiling their ~90 specialisations, about 1.5 s each on one core

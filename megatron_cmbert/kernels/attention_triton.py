@@ -16,12 +16,17 @@ the sequence end (masked). Registered as torch.library custom ops so torch.compi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from megatron_cmbert.kernels.triton_common import cast
-from megatron_cmbert.kernels.triton_utils import gpu_path, launcher, next_power_of_2
+from megatron_cmbert.kernels.triton_utils import Launch, check_mode, next_power_of_2, run
+
+# Fixed for the process when triton was imported: compiled (GPU) or interpreted (CPU tests).
+INTERPRETED = check_mode()
 
 LOG2E = 1.4426950408889634
 # Finite "minus infinity": a fully masked block then gives exp2(0) terms, later rescaled by 0. A constexpr,
@@ -275,42 +280,63 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2, left, rig
 
 
 # ---- launch configuration -----------------------------------------------------------------------------
-# Per-kernel launch settings that replace _config's defaults ({"fwd": {"num_warps": 8}, ...}); empty except
-# while tools/bench_kernels.py --attention-sweep times the alternatives (the interpreter ignores warps/stages).
-CONFIG_OVERRIDES: dict[str, dict] = {}
+@dataclass(frozen=True)
+class Blocks:
+    """One kernel's launch settings: BLOCK_M queries x BLOCK_N keys per step, warps, pipeline stages."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def describe(self) -> str:
+        return f"{self.BLOCK_M}x{self.BLOCK_N} w{self.num_warps} s{self.num_stages}"
 
 
-def _config(q: torch.Tensor, kind: str) -> dict:
-    return {**_default_config(q, kind), **CONFIG_OVERRIDES.get(kind, {})}
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch settings of the three block kernels (the delta kernel has fixed ones). tools/bench_kernels.py
+    --attention-sweep times alternatives by passing them; `for_inputs` gives the defaults."""
+
+    fwd: Blocks
+    dkdv: Blocks
+    dq: Blocks
+
+    @classmethod
+    def for_inputs(cls, dtype: torch.dtype, head_dim: int, gpu: bool | None = None) -> "AttentionConfig":
+        """Defaults. Under the interpreter (gpu False), blocks are small and unequal so that the tests reach
+        every stage and the BLOCK_M != BLOCK_N paths on short sequences. On GPU: the FlashAttention-2 Triton
+        tutorial's H100 shapes (forward 128 x 64; backward dK/dV 128 keys x 32 queries, dQ 128 queries x 32
+        keys), halved for fp32 operands and for head_dim 128, which would otherwise exceed registers / shared
+        memory. Warps: with 4, ptxas (tools/compile_kernels.py, sm_90a) spills 352 B in the bf16 d=64 dK/dV
+        kernel at 255 registers and 2 KB in the fp32 forward; 8 warps spill nothing at the same warps per SM."""
+        if not (gpu if gpu is not None else not INTERPRETED):
+            return cls(fwd=Blocks(64, 32), dkdv=Blocks(32, 64), dq=Blocks(64, 32))
+        fp32 = dtype == torch.float32
+        big = head_dim > 64 or fp32
+        return cls(fwd=Blocks(64 if big else 128, 32 if big else 64, 8 if fp32 else 4, 3),
+                   dkdv=Blocks(16 if big else 32, 64 if big else 128, 8, 2),
+                   dq=Blocks(64 if big else 128, 16 if big else 32, 4, 2))
+
+    def to_list(self) -> list[int]:
+        """Flat ints, the form a torch.library custom op can take."""
+        return [v for b in (self.fwd, self.dkdv, self.dq) for v in (b.BLOCK_M, b.BLOCK_N, b.num_warps, b.num_stages)]
+
+    @classmethod
+    def from_list(cls, values) -> "AttentionConfig":
+        return cls(*(Blocks(*values[i:i + 4]) for i in (0, 4, 8)))
 
 
-def _default_config(q: torch.Tensor, kind: str) -> dict:
-    """Block sizes (BLOCK_M = queries, BLOCK_N = keys per step) and launch options.
-
-    Under the interpreter, blocks are small and unequal so that the tests reach every stage and the
-    BLOCK_M != BLOCK_N paths on short sequences. On GPU: the FlashAttention-2 Triton tutorial's H100 shapes
-    (forward 128 x 64; backward dK/dV 128 keys x 32 queries, dQ 128 queries x 32 keys), halved for fp32
-    operands and for head_dim 128, which would otherwise exceed registers / shared memory. Warps: with 4,
-    ptxas (tools/compile_kernels.py, sm_90a) spills 352 B in the bf16 d=64 dK/dV kernel at 255 registers and
-    2 KB in the fp32 forward; 8 warps spill nothing at the same warps per SM."""
-    if not gpu_path(q):
-        return {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
-                "dq": dict(BLOCK_M=64, BLOCK_N=32)}[kind]
-    big = q.shape[-1] > 64 or q.dtype == torch.float32
-    fp32 = q.dtype == torch.float32
-    if kind == "fwd":
-        return dict(BLOCK_M=128 if not big else 64, BLOCK_N=64 if not big else 32, num_warps=8 if fp32 else 4,
-                    num_stages=3)
-    if kind == "dkdv":
-        return dict(BLOCK_M=32 if not big else 16, BLOCK_N=128 if not big else 64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=128 if not big else 64, BLOCK_N=32 if not big else 16, num_warps=4, num_stages=2)
+def _launch_kwargs(blocks: Blocks) -> dict:
+    return dict(BLOCK_M=blocks.BLOCK_M, BLOCK_N=blocks.BLOCK_N, num_warps=blocks.num_warps,
+                num_stages=blocks.num_stages)
 
 
 def _precision(q: torch.Tensor) -> dict:
     # fp32 inputs must not silently drop to tf32 (PyTorch's fp32 matmul does not either). Triton 3.9's
     # interpreter multiplies bf16/fp16 tiles as raw integers, so there (INTERP) every dot operand is upcast to
     # fp32 (exact for values already rounded to the input dtype, so the arithmetic matches the GPU's).
-    return dict(PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERP=not gpu_path(q))
+    return dict(PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERP=INTERPRETED)
 
 
 def _checked(t: torch.Tensor) -> torch.Tensor:
@@ -321,28 +347,68 @@ def _grid(max_seqlen: int, block: int, num_seqs: int, heads: int):
     return (triton.cdiv(max(int(max_seqlen), 1), block), num_seqs, heads)
 
 
-# ---- custom ops -------------------------------------------------------------------------------------------
-@torch.library.custom_op("cmbert::attention_forward", mutates_args=())
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      max_seqlen: int, left: int, right: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out (T, H, D) in q's dtype, lse (H, T) fp32 in log2 units of the scaled scores)."""
+# ---- launches (built as data: run by the custom ops, compiled by tools/compile_kernels.py) ----------------
+def forward_launches(q, k, v, cu_seqlens, max_seqlen: int, left: int, right: int, scale: float,
+                     config: AttentionConfig):
+    """(out, lse, launches) for the forward; out and lse are filled once the launches run."""
     q, k, v = (_checked(t) for t in (q, k, v))
     total, heads, head_dim = q.shape
     out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     if total == 0:
-        return out, lse
+        return out, lse, []
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    cfg = _config(q, "fwd")
-    launcher(_fwd_kernel, q)[_grid(max_seqlen, cfg["BLOCK_M"], cu.numel() - 1, heads)](
+    launch = Launch(_fwd_kernel, _grid(max_seqlen, config.fwd.BLOCK_M, cu.numel() - 1, heads), (
         q, k, v, out, lse, cu, scale * LOG2E, left, right, total,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-        out.stride(1), HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), **_precision(q), **cfg)
+        out.stride(1)), dict(HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), **_precision(q),
+                             **_launch_kwargs(config.fwd)))
+    return out, lse, [launch]
+
+
+def backward_launches(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, left: int, right: int,
+                      scale: float, config: AttentionConfig):
+    """(dq, dk, dv, launches): the delta kernel, then dK/dV, then dQ."""
+    q, k, v, out, grad_out = (_checked(t) for t in (q, k, v, out, grad_out))
+    total, heads, head_dim = q.shape
+    dq, dk, dv = (torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device) for _ in range(3))
+    if total == 0:
+        return dq, dk, dv, []
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    block_d = max(16, next_power_of_2(head_dim))
+    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    block_t = 64
+    launches = [Launch(_bwd_delta_kernel, (triton.cdiv(total, block_t), heads), (
+        out, grad_out, delta, total, heads, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1)),
+        dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t))]
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, **_precision(q))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
+               grad_out.stride(1))
+    seqs = cu.numel() - 1
+    launches.append(Launch(_bwd_dkdv_kernel, _grid(max_seqlen, config.dkdv.BLOCK_N, seqs, heads), (
+        q, k, v, grad_out, lse, delta, dk, dv, cu, scale, scale * LOG2E, left, right, total, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1)), dict(**common, **_launch_kwargs(config.dkdv))))
+    launches.append(Launch(_bwd_dq_kernel, _grid(max_seqlen, config.dq.BLOCK_M, seqs, heads), (
+        q, k, v, grad_out, lse, delta, dq, cu, scale, scale * LOG2E, left, right, total, *strides,
+        dq.stride(0), dq.stride(1)), dict(**common, **_launch_kwargs(config.dq))))
+    return dq, dk, dv, launches
+
+
+# ---- custom ops -------------------------------------------------------------------------------------------
+@torch.library.custom_op("cmbert::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seqlen: int, left: int, right: int, scale: float,
+                      config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (T, H, D) in q's dtype, lse (H, T) fp32 in log2 units of the scaled scores).
+    config: AttentionConfig.to_list()."""
+    out, lse, launches = forward_launches(q, k, v, cu_seqlens, max_seqlen, left, right, scale,
+                                          AttentionConfig.from_list(config))
+    run(launches)
     return out, lse
 
 
 @attention_forward.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, left, right, scale):
+def _(q, k, v, cu_seqlens, max_seqlen, left, right, scale, config):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (q.shape[1], q.shape[0]), dtype=torch.float32)
 
@@ -350,49 +416,30 @@ def _(q, k, v, cu_seqlens, max_seqlen, left, right, scale):
 @torch.library.custom_op("cmbert::attention_backward", mutates_args=())
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                       left: int, right: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, out, grad_out = (_checked(t) for t in (q, k, v, out, grad_out))
-    total, heads, head_dim = q.shape
-    dq, dk, dv = (torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device) for _ in range(3))
-    if total == 0:
-        return dq, dk, dv
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    block_d = max(16, next_power_of_2(head_dim))
-    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
-    block_t = 64
-    launcher(_bwd_delta_kernel, q)[(triton.cdiv(total, block_t), heads)](
-        out, grad_out, delta, total, heads, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, **_precision(q))
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
-               grad_out.stride(1))
-    cfg = _config(q, "dkdv")
-    launcher(_bwd_dkdv_kernel, q)[_grid(max_seqlen, cfg["BLOCK_N"], cu.numel() - 1, heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, cu, scale, scale * LOG2E, left, right, total, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **common, **cfg)
-    cfg = _config(q, "dq")
-    launcher(_bwd_dq_kernel, q)[_grid(max_seqlen, cfg["BLOCK_M"], cu.numel() - 1, heads)](
-        q, k, v, grad_out, lse, delta, dq, cu, scale, scale * LOG2E, left, right, total, *strides,
-        dq.stride(0), dq.stride(1), **common, **cfg)
+                       left: int, right: int, scale: float,
+                       config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, launches = backward_launches(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, left, right,
+                                             scale, AttentionConfig.from_list(config))
+    run(launches)
     return dq, dk, dv
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, left, right, scale):
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, left, right, scale, config):
     return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, left, right, scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, left, right, scale, config = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.args = (max_seqlen, left, right, scale)
+    ctx.args = (max_seqlen, left, right, scale, config)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -401,12 +448,14 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 # ---- public function (the `triton` backend of kernels.attention) ----------------------------------------
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, window: tuple[int, int] = (-1, -1),
-                     softmax_scale: float | None = None) -> torch.Tensor:
+                     softmax_scale: float | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+    """The `triton` attention backend; config: launch settings (default AttentionConfig.for_inputs)."""
     if q.shape[-1] > 256:
         raise ValueError(f"head_dim {q.shape[-1]} > 256 is not supported by the Triton attention kernel")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     left, right = (int(w) for w in window)
-    out, _ = attention_forward(q, k, v, cu_seqlens, int(max_seqlen), left, right, scale)
+    config = config or AttentionConfig.for_inputs(q.dtype, q.shape[-1])
+    out, _ = attention_forward(q, k, v, cu_seqlens, int(max_seqlen), left, right, scale, config.to_list())
     return out
 
 
@@ -427,4 +476,5 @@ def attention_flops(lengths, heads: int, head_dim: int, window=(-1, -1), mode: s
     return {"fwd": forward, "bwd": 2.5 * forward, "fwd_bwd": 3.5 * forward}[mode]
 
 
-__all__ = ["attention_triton", "attention_forward", "attention_backward", "attention_flops"]
+__all__ = ["AttentionConfig", "Blocks", "attention_triton", "attention_forward", "attention_backward",
+           "forward_launches", "backward_launches", "attention_flops"]

@@ -10,28 +10,22 @@ kernel is at least as accurate (tests hold it to <= 2x PyTorch's own low-precisi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from megatron_cmbert.kernels.reference import geglu_reference  # noqa: F401 (re-exported)
 from megatron_cmbert.kernels.triton_common import cast
-from megatron_cmbert.kernels.triton_utils import gpu_path, launcher
+from megatron_cmbert.kernels.triton_utils import Launch, check_mode, run
+
+# Fixed for the process when triton was imported: compiled (GPU) or interpreted (CPU tests).
+INTERPRETED = check_mode()
 
 # constexpr: compiled kernels may only read constexpr globals (the interpreter reads any).
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-def split(x: torch.Tensor, interleaved: bool):
-    if interleaved:
-        return x[..., 0::2], x[..., 1::2]
-    return x.chunk(2, dim=-1)
-
-
-def geglu_reference(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    activated, gate = split(x, interleaved)
-    return F.gelu(activated, approximate="none") * gate
 
 
 @triton.jit
@@ -73,10 +67,38 @@ def _geglu_kernel(X, Y, DY, DX, rows, width, stride_x, stride_y, BACKWARD: tl.co
         tl.store(Y + y_off, cast(a * cdf * g, Y.dtype.element_ty, INTERP), mask=mask)
 
 
-def _blocks(x):
-    # GPU: 4 x 1024 elements per program (bandwidth-bound: enough bytes in flight, few index ops);
-    # interpreter: few large programs.
-    return (4, 1024, 8) if gpu_path(x) else (16, 128, 4)
+@dataclass(frozen=True)
+class GegluConfig:
+    """Rows x output columns per program, and warps. Default on GPU: 4 x 1024 elements per program
+    (bandwidth-bound: enough bytes in flight, few index ops); under the interpreter: few large programs."""
+
+    BLOCK_R: int
+    BLOCK_C: int
+    num_warps: int
+
+    @classmethod
+    def default(cls, gpu: bool | None = None) -> "GegluConfig":
+        return cls(4, 1024, 8) if (gpu if gpu is not None else not INTERPRETED) else cls(16, 128, 4)
+
+
+def geglu_launches(x: torch.Tensor, grad_y: torch.Tensor | None, interleaved: bool,
+                   config: GegluConfig | None = None):
+    """(result, launches): y = geglu(x) when grad_y is None, else dx (the backward)."""
+    x2 = _rows(x)
+    rows, width = x2.shape[0], x2.shape[1] // 2
+    backward = grad_y is not None
+    if backward:
+        dy = _rows(grad_y)
+        result = torch.empty_like(x2)
+    else:
+        result = dy = torch.empty((rows, width), dtype=x.dtype, device=x.device)
+    if not rows:
+        return result, []
+    config = config or GegluConfig.default()
+    return result, [Launch(_geglu_kernel, (triton.cdiv(rows, config.BLOCK_R), triton.cdiv(width, config.BLOCK_C)), (
+        x2, result if not backward else dy, dy, result if backward else x2, rows, width, x2.stride(0), dy.stride(0)),
+        dict(BACKWARD=backward, INTERLEAVED=interleaved, BLOCK_R=config.BLOCK_R, BLOCK_C=config.BLOCK_C,
+             INTERP=INTERPRETED, num_warps=config.num_warps))]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -88,15 +110,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def geglu_forward(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"geglu needs an even last dimension, got {x.shape[-1]}")
-    x2 = _rows(x)
-    rows, width = x2.shape[0], x2.shape[1] // 2
-    y = torch.empty((rows, width), dtype=x.dtype, device=x.device)
-    if rows:
-        block_r, block_c, warps = _blocks(x)
-        launcher(_geglu_kernel, x)[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
-            x2, y, y, x2, rows, width, x2.stride(0), y.stride(0), BACKWARD=False, INTERLEAVED=interleaved,
-            BLOCK_R=block_r, BLOCK_C=block_c, INTERP=not gpu_path(x), num_warps=warps)
-    return y.view(*x.shape[:-1], width)
+    y, launches = geglu_launches(x, None, interleaved)
+    run(launches)
+    return y.view(*x.shape[:-1], x.shape[-1] // 2)
 
 
 @geglu_forward.register_fake
@@ -106,15 +122,8 @@ def _(x, interleaved):
 
 @torch.library.custom_op("cmbert::geglu_backward", mutates_args=())
 def geglu_backward(grad_y: torch.Tensor, x: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    x2 = _rows(x)
-    dy = _rows(grad_y)
-    rows, width = x2.shape[0], x2.shape[1] // 2
-    dx = torch.empty_like(x2)
-    if rows:
-        block_r, block_c, warps = _blocks(x)
-        launcher(_geglu_kernel, x)[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
-            x2, dy, dy, dx, rows, width, x2.stride(0), dy.stride(0), BACKWARD=True, INTERLEAVED=interleaved,
-            BLOCK_R=block_r, BLOCK_C=block_c, INTERP=not gpu_path(x), num_warps=warps)
+    dx, launches = geglu_launches(x, grad_y, interleaved)
+    run(launches)
     return dx.view(x.shape)
 
 

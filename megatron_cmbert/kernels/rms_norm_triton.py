@@ -11,19 +11,20 @@ keeping its dw partial sum in registers: one (programs, hidden) fp32 store at th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from megatron_cmbert.kernels.reference import rms_norm_reference  # noqa: F401 (re-exported)
 from megatron_cmbert.kernels.triton_common import cast
-from megatron_cmbert.kernels.triton_utils import gpu_path, launcher, next_power_of_2, program_count
+from megatron_cmbert.kernels.triton_utils import Launch, check_mode, next_power_of_2, program_count, run
+
+# Fixed for the process when triton was imported: compiled (GPU) or interpreted (CPU tests).
+INTERPRETED = check_mode()
 
 MAX_HIDDEN = 65536
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
 @triton.jit
@@ -67,13 +68,20 @@ def _rms_bwd_kernel(X, W, DY, RSTD, DX, DW_PARTIAL, rows, hidden, stride_x, stri
     tl.store(DW_PARTIAL + pid.to(tl.int64) * hidden + c, dw, mask=c_ok)
 
 
-def _config(x: torch.Tensor, hidden: int):
-    block_h = next_power_of_2(hidden)
-    if not gpu_path(x):
-        return 16, block_h, 4
-    # ~4-8k fp32 elements per tile: enough loads in flight per SM without spilling registers.
-    block_r = max(1, min(16, 4096 // block_h))
-    return block_r, block_h, 8 if block_h >= 2048 else 4
+@dataclass(frozen=True)
+class RmsNormConfig:
+    """Rows per program (BLOCK_H is the hidden size rounded up to a power of 2) and warps. Default on GPU:
+    ~4-8k fp32 elements per tile, enough loads in flight per SM without spilling registers."""
+
+    BLOCK_R: int
+    num_warps: int
+
+    @classmethod
+    def for_hidden(cls, hidden: int, gpu: bool | None = None) -> "RmsNormConfig":
+        if not (gpu if gpu is not None else not INTERPRETED):
+            return cls(16, 4)
+        block_h = next_power_of_2(hidden)
+        return cls(max(1, min(16, 4096 // block_h)), 8 if block_h >= 2048 else 4)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +89,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-@torch.library.custom_op("cmbert::rms_norm_forward", mutates_args=())
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_launches(x: torch.Tensor, weight: torch.Tensor, eps: float, config: RmsNormConfig | None = None):
+    """(y, rstd, launches)."""
     hidden = x.shape[-1]
     if hidden > MAX_HIDDEN or weight.shape != (hidden,):
         raise ValueError(f"rms_norm: hidden {hidden} (max {MAX_HIDDEN}) with weight {tuple(weight.shape)}")
@@ -90,11 +98,34 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     rows = x2.shape[0]
     y = torch.empty_like(x2)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-    if rows:
-        block_r, block_h, warps = _config(x, hidden)
-        launcher(_rms_fwd_kernel, x)[(triton.cdiv(rows, block_r),)](
-            x2, weight.contiguous(), y, rstd, rows, hidden, eps, x2.stride(0), y.stride(0),
-            BLOCK_R=block_r, BLOCK_H=block_h, INTERP=not gpu_path(x), num_warps=warps)
+    if not rows:
+        return y, rstd, []
+    config = config or RmsNormConfig.for_hidden(hidden)
+    return y, rstd, [Launch(_rms_fwd_kernel, (triton.cdiv(rows, config.BLOCK_R),), (
+        x2, weight.contiguous(), y, rstd, rows, hidden, eps, x2.stride(0), y.stride(0)), dict(
+        BLOCK_R=config.BLOCK_R, BLOCK_H=next_power_of_2(hidden), INTERP=INTERPRETED, num_warps=config.num_warps))]
+
+
+def backward_launches(grad_y, x, weight, rstd, config: RmsNormConfig | None = None):
+    """(dx, dw partial sums (programs, hidden) fp32, launches): a persistent grid, one program per SM."""
+    x2, dy = _rows(x), _rows(grad_y)
+    rows, hidden = x2.shape
+    dx = torch.empty_like(x2)
+    config = config or RmsNormConfig.for_hidden(hidden)
+    programs = max(1, min(program_count(x), triton.cdiv(rows, config.BLOCK_R)))
+    partial = torch.zeros((programs, hidden), dtype=torch.float32, device=x.device)
+    if not rows:
+        return dx, partial, []
+    return dx, partial, [Launch(_rms_bwd_kernel, (programs,), (
+        x2, weight.contiguous(), dy, rstd, dx, partial, rows, hidden, x2.stride(0), dy.stride(0), dx.stride(0)),
+        dict(BLOCK_R=config.BLOCK_R, BLOCK_H=next_power_of_2(hidden), INTERP=INTERPRETED,
+             num_warps=config.num_warps))]
+
+
+@torch.library.custom_op("cmbert::rms_norm_forward", mutates_args=())
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, rstd, launches = forward_launches(x, weight, eps)
+    run(launches)
     return y.view(x.shape), rstd
 
 
@@ -107,16 +138,8 @@ def _(x, weight, eps):
 @torch.library.custom_op("cmbert::rms_norm_backward", mutates_args=())
 def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x2, dy = _rows(x), _rows(grad_y)
-    rows, hidden = x2.shape
-    dx = torch.empty_like(x2)
-    block_r, block_h, warps = _config(x, hidden)
-    programs = max(1, min(program_count(x), triton.cdiv(rows, block_r)))
-    partial = torch.zeros((programs, hidden), dtype=torch.float32, device=x.device)
-    if rows:
-        launcher(_rms_bwd_kernel, x)[(programs,)](
-            x2, weight.contiguous(), dy, rstd, dx, partial, rows, hidden, x2.stride(0), dy.stride(0),
-            dx.stride(0), BLOCK_R=block_r, BLOCK_H=block_h, INTERP=not gpu_path(x), num_warps=warps)
+    dx, partial, launches = backward_launches(grad_y, x, weight, rstd)
+    run(launches)
     return dx.view(x.shape), partial.sum(0).to(weight.dtype)
 
 

@@ -12,35 +12,32 @@ bitwise the reference's and only cos/sin rounding differs. The backward is the s
 """
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from megatron_cmbert.kernels.reference import inverse_frequencies, rope_reference  # noqa: F401 (re-exported)
 from megatron_cmbert.kernels.triton_common import cast
-from megatron_cmbert.kernels.triton_utils import gpu_path, launcher, next_power_of_2
+from megatron_cmbert.kernels.triton_utils import Launch, check_mode, next_power_of_2, run
+
+# Fixed for the process when triton was imported: compiled (GPU) or interpreted (CPU tests).
+INTERPRETED = check_mode()
 
 
-@functools.lru_cache(maxsize=16)
-def inverse_frequencies(theta: float, head_dim: int, device: str) -> torch.Tensor:
-    """fp32 (head_dim / 2,) 1 / theta^(2i/d), the same expression as model/layers.py rotary_cos_sin."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+@dataclass(frozen=True)
+class RopeConfig:
+    """Tokens per program and warps. Default on GPU: 2k-element (tokens x half) tiles, 16 per thread at 4
+    warps; under the interpreter: few, small programs."""
 
+    BLOCK_T: int
+    num_warps: int = 4
 
-def rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
-    """Pure PyTorch, fp32 math, same operations as model/layers.py (rotary_cos_sin + apply_rotary)."""
-    inv_freq = inverse_frequencies(float(theta), q.shape[-1], str(q.device))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
-
-    def rotate(x):
-        xf = x.float()
-        half = x.shape[-1] // 2
-        return (xf * cos + torch.cat((-xf[..., half:], xf[..., :half]), dim=-1) * sin).to(x.dtype)
-
-    return rotate(q), rotate(k)
+    @classmethod
+    def for_inputs(cls, head_dim: int, gpu: bool | None = None) -> "RopeConfig":
+        gpu = gpu if gpu is not None else not INTERPRETED
+        return cls(max(1, 2048 // next_power_of_2(head_dim // 2)) if gpu else 32)
 
 
 @triton.jit
@@ -80,7 +77,8 @@ def _rope_kernel(Q, K, QO, KO, POS, INV_FREQ, total, heads,
         _rotate(k_src + h * stride_kh, k_dst + h * stride_koh, cos, sin, mask, HALF, INTERP)
 
 
-def _launch(q, k, positions, inv_freq, conjugate: bool):
+def rope_launches(q, k, positions, inv_freq, conjugate: bool, config: RopeConfig | None = None):
+    """(q_out, k_out, launches)."""
     if q.shape != k.shape or q.dim() != 3 or q.shape[-1] % 2:
         raise ValueError(f"q, k must share a (tokens, heads, even head_dim) shape, got {q.shape}, {k.shape}")
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -89,21 +87,22 @@ def _launch(q, k, positions, inv_freq, conjugate: bool):
     q_out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty_like(q_out, dtype=k.dtype)
     if total == 0:
-        return q_out, k_out
-    block_half = next_power_of_2(head_dim // 2)
-    # GPU: 2k-element (tokens x half) tiles, 16 per thread at 4 warps; the interpreter: few, small programs.
-    block_t = max(1, 2048 // block_half) if gpu_path(q) else 32
-    launcher(_rope_kernel, q)[(triton.cdiv(total, block_t),)](
+        return q_out, k_out, []
+    config = config or RopeConfig.for_inputs(head_dim)
+    launch = Launch(_rope_kernel, (triton.cdiv(total, config.BLOCK_T),), (
         q, k, q_out, k_out, positions, inv_freq, total, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), HALF=head_dim // 2,
-        BLOCK_HALF=block_half, BLOCK_T=block_t, CONJUGATE=conjugate, INTERP=not gpu_path(q), num_warps=4)
-    return q_out, k_out
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1)), dict(
+        HALF=head_dim // 2, BLOCK_HALF=next_power_of_2(head_dim // 2), BLOCK_T=config.BLOCK_T,
+        CONJUGATE=conjugate, INTERP=INTERPRETED, num_warps=config.num_warps))
+    return q_out, k_out, [launch]
 
 
 @torch.library.custom_op("cmbert::rope", mutates_args=())
 def rope_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
             conjugate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(q, k, positions, inv_freq, conjugate)
+    q_out, k_out, launches = rope_launches(q, k, positions, inv_freq, conjugate)
+    run(launches)
+    return q_out, k_out
 
 
 @rope_op.register_fake

@@ -1,30 +1,28 @@
-"""Compile-only mode: build every Triton kernel launch for a GPU target without a GPU.
+"""Compile Triton launches for a GPU target without a GPU (used by tools/compile_kernels.py, nowhere else).
 
-    with compile_only(capability=90) as records:      # H100 (sm_90a)
-        attention_forward(q_cpu, k_cpu, v_cpu, ...)   # the real launch code runs, with its GPU block sizes
-    for r in records: print(r.kernel, r.shared_bytes, r.registers, r.spilled_bytes)
+    compiler = Compiler(capability=90)                 # H100 (sm_90a)
+    out, lse, launches = forward_launches(q_cpu, ...)  # the kernel file's own launch records, GPU settings
+    for launch in launches: compiler.compile(launch)
+    for r in compiler.records: print(r.kernel, r.shared_bytes, r.registers, r.spilled_bytes)
 
 Why: Triton's CPU interpreter accepts code the GPU compiler rejects (non-constexpr globals, tile shapes
-tensor cores cannot take, too much shared memory), and a GPU is lent only now and then. Inside
-`compile_only`, `triton_utils.launcher` hands CPU tensors here instead of to the interpreter; the launch
-code picks its GPU configuration (`triton_utils.gpu_path`), and each launch is specialised exactly as
-`JITFunction.run` would (same binder, so the same divisibility and constant specialisations), compiled to a
-cubin with Triton's bundled ptxas, and recorded; nothing runs, so outputs hold garbage. ptxas is then asked
-for its register and spill report, which Triton's compile does not keep.
+tensor cores cannot take, too much shared memory), and a GPU is lent only now and then. Each `Launch` is
+specialised exactly as `JITFunction.run` would (same binder, so the same divisibility and constant
+specialisations), compiled to a cubin with Triton's bundled ptxas, and recorded; nothing runs. ptxas is then
+asked for its register and spill report, which Triton's compile does not keep. The launch path never comes
+here: kernels run through triton_utils.run.
 
-Uses Triton's runtime internals (`create_function_from_signature`, `_pack_args`), checked on triton 3.9;
+Needs a process where triton was imported without TRITON_INTERPRET (the kernels must be JITFunctions), and
+Triton's runtime internals (`create_function_from_signature`, `_pack_args`), checked on triton 3.6 and 3.9;
 `CompileOnlyUnsupported` says so where an installed Triton differs.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import subprocess
 import tempfile
 
-# The streaming multiprocessor count the persistent grids size themselves by (H100 SXM has 132).
-DEFAULT_SM_COUNT = 132
 # Per-block shared memory limit by compute capability (CUDA programming guide, "opt-in" maximum).
 SHARED_LIMIT_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
 
@@ -51,64 +49,42 @@ class CompiledLaunch:
         return f"{self.kernel}[{consts}] warps={self.num_warps} stages={self.num_stages}"
 
 
-_STATE: dict | None = None  # set inside compile_only(): {"target", "records", "sm_count", "cache"}
+class Compiler:
+    """Compiles launches for one GPU target and keeps a record per distinct specialisation."""
 
+    def __init__(self, capability: int = 90, ptxas_report: bool = True):
+        try:
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import make_backend
+        except ImportError as error:
+            raise CompileOnlyUnsupported(f"triton has no GPUTarget/make_backend ({error})") from error
+        self.target = GPUTarget("cuda", capability, 32)
+        self.backend = make_backend(self.target)
+        self.ptxas_report = ptxas_report
+        self.records: list[CompiledLaunch] = []
+        self._seen: set = set()
 
-def active() -> bool:
-    return _STATE is not None
-
-
-def sm_count() -> int:
-    return _STATE["sm_count"]
-
-
-@contextlib.contextmanager
-def compile_only(capability: int = 90, sm_count: int = DEFAULT_SM_COUNT, ptxas_report: bool = True):
-    """Within the block, Triton launches on CPU tensors compile for `capability` and are recorded."""
-    global _STATE
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-    except ImportError as error:
-        raise CompileOnlyUnsupported(f"triton has no GPUTarget/make_backend ({error})") from error
-    target = GPUTarget("cuda", capability, 32)
-    records: list[CompiledLaunch] = []
-    previous = _STATE
-    _STATE = {"target": target, "backend": make_backend(target), "records": records, "sm_count": sm_count,
-              "cache": {}, "ptxas_report": ptxas_report}
-    try:
-        yield records
-    finally:
-        _STATE = previous
-
-
-class CompileOnlyLauncher:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return self._compile
-
-    def _compile(self, *args, **kwargs):
+    def compile(self, launch) -> None:
+        """Compile one triton_utils.Launch (its tensors may live on the CPU: only dtypes and strides count)."""
         import triton
         try:
             from triton.runtime.jit import create_function_from_signature
         except ImportError as error:
             raise CompileOnlyUnsupported(f"triton.runtime.jit changed ({error})") from error
-        kernel, backend = self.kernel, _STATE["backend"]
+        kernel, backend = launch.kernel, self.backend
         if not hasattr(kernel, "params"):
             raise CompileOnlyUnsupported(
                 f"{getattr(kernel, 'fn', kernel)} is an interpreter-only kernel: TRITON_INTERPRET=1 was set when "
                 "triton was imported; unset it to compile for a GPU")
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound_args, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization,
-                                                                  options)
+        bound_args, specialization, options = binder(*launch.args, **launch.kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound_args,
+                                                                  specialization, options)
         key = (kernel.fn.__qualname__, repr(signature), repr(constexprs), repr(attrs), repr(options))
-        if key in _STATE["cache"]:
+        if key in self._seen:
             return
         source = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
-        compiled = triton.compile(source, target=_STATE["target"], options=options.__dict__)
+        compiled = triton.compile(source, target=self.target, options=options.__dict__)
         names = [p.name for p in kernel.params]
         record = CompiledLaunch(
             kernel=kernel.fn.__name__,
@@ -117,10 +93,10 @@ class CompileOnlyLauncher:
             num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
             shared_bytes=int(compiled.metadata.shared), matmul=_matmul_kind(compiled.asm["ptx"]),
             global_access_bytes=global_access_widths(compiled.asm["ptx"]))
-        if _STATE["ptxas_report"]:
-            _ptxas_report(record, compiled.asm["ptx"], _STATE["target"].arch)
-        _STATE["cache"][key] = record
-        _STATE["records"].append(record)
+        if self.ptxas_report:
+            _ptxas_report(record, compiled.asm["ptx"], self.target.arch)
+        self._seen.add(key)
+        self.records.append(record)
 
 
 def _matmul_kind(ptx: str) -> str:

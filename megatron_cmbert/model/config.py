@@ -9,6 +9,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from megatron_cmbert.kernels.registry import KernelError, check_backend, parse_overrides
+
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
 
@@ -50,6 +52,11 @@ class ModelConfig:
     logits of padding ids are masked to -inf so the loss is exactly the unpadded one."""
     pad_token_id: int = 0
     """Id used by the padded-batch helpers for padding (never seen by the packed model)."""
+    kernel_backend: str = field(default="auto", compare=False)
+    """Kernels for attention, RoPE, GeGLU and RMSNorm: `auto`, `reference` or `triton` (docs/KERNELS.md).
+    Not part of the architecture: a checkpoint loads whatever its config says here."""
+    kernel_overrides: str = field(default="", compare=False)
+    """Per-op backends over kernel_backend, e.g. `attention=flex,rms_norm=reference`."""
     name: str = field(default="custom", compare=False)
     """Preset name, for logs only."""
 
@@ -72,6 +79,11 @@ class ModelConfig:
         need(self.norm_eps > 0, "norm_eps must be positive")
         need(self.global_rope_theta > 0 and self.local_rope_theta > 0, "RoPE thetas must be positive")
         need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id must be a valid token id")
+        try:
+            check_backend(self.kernel_backend)
+            parse_overrides(self.kernel_overrides)
+        except KernelError as error:
+            need(False, str(error))
 
     # ---- derived quantities -------------------------------------------------------------------------
     @property

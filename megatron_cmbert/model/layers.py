@@ -1,4 +1,4 @@
-"""Plain-PyTorch building blocks: norms, rotary embedding, init, and `TorchSpec`, the single-process layer
+"""Plain-PyTorch building blocks: norms, packed positions, init, and `TorchSpec`, the single-process layer
 spec that is also the TP=1 reference for every parallel layout.
 
 A *layer spec* is the object the model asks for its linear / embedding / norm modules and for the few
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_cmbert.kernels.dispatch import rms_norm
+from megatron_cmbert.kernels.reference import rms_norm_reference
 
 
 # ---- initialisation (HF ModernBERT: truncated normal at +- cutoff * std) ---------------------------------
@@ -61,16 +61,26 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32."""
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32. The model binds its KernelSet after building
+    (`bind_kernels`); unbound, the reference runs."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.kernels = None
 
     def forward(self, x):
-        # kernels.rms_norm: the same fp32 F.rms_norm (reference) or the Triton kernel (CMBERT_KERNEL_BACKEND)
-        return rms_norm(x, self.weight, self.eps)
+        if self.kernels is None:
+            return rms_norm_reference(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
+
+
+def bind_kernels(module: nn.Module, kernels) -> None:
+    """Give every RMSNorm under `module` the model's KernelSet (the spec builds norms without knowing it)."""
+    for m in module.modules():
+        if isinstance(m, RMSNorm):
+            m.kernels = kernels
 
 
 class LayerNorm(nn.Module):
@@ -94,23 +104,6 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> to
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total_tokens)
     return torch.arange(total_tokens, device=cu_seqlens.device) - starts
-
-
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """fp32 (tokens, head_dim) cos and sin; inv_freq = 1 / theta^(2i/d), halves repeated (rotate_half form)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
-                                / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (tokens, heads, head_dim); non-interleaved RoPE applied in fp32."""
-    xf = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
 
 
 # ---- the plain-PyTorch layer spec -------------------------------------------------------------------------

@@ -14,53 +14,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_cmbert.kernels.attention import attention
-from megatron_cmbert.kernels.dispatch import apply_rope, geglu
+from megatron_cmbert.kernels.registry import KernelSet
+from megatron_cmbert.data.masking import IGNORE_INDEX
 from megatron_cmbert.model.config import ModelConfig
-from megatron_cmbert.model.layers import Linear, TorchSpec, init_methods, positions_from_cu_seqlens
+from megatron_cmbert.model.layers import Linear, TorchSpec, bind_kernels, init_methods, positions_from_cu_seqlens
 
-IGNORE_INDEX = -100
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, spec, inits):
+    def __init__(self, config: ModelConfig, layer: int, spec, inits, kernels: KernelSet):
         super().__init__()
+        self.kernels = kernels
         self.head_dim = config.head_dim
         self.window = config.attention_window(layer)
         self.theta = config.rope_theta(layer)
         self.Wqkv = spec.column_linear(config.hidden_size, 3 * config.hidden_size, inits["in"])
         self.Wo = spec.row_linear(config.hidden_size, config.hidden_size, inits["out"])
-        self.backend = None  # None: argument-free dispatch (env var CMBERT_ATTN_BACKEND, else auto)
+
+    @property
+    def backend(self) -> str:
+        """The attention backend name this layer asks its KernelSet for."""
+        return self.kernels.names["attention"]
 
     def forward(self, x, positions, cu_seqlens, max_seqlen):
         qkv = self.Wqkv(x)  # (tokens, 3 * local_heads * head_dim), all tokens even under sequence parallel
         q, k, v = qkv.view(qkv.shape[0], -1, 3, self.head_dim).unbind(dim=2)
-        # kernels.apply_rope: reference or fused Triton (CMBERT_KERNEL_BACKEND, else auto)
-        q, k = apply_rope(q, k, positions, self.theta)
-        out = attention(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=self.backend)
+        q, k = self.kernels.rope(q, k, positions, self.theta)
+        out = self.kernels.attention(q, k, v, cu_seqlens, max_seqlen, window=self.window)
         return self.Wo(out.reshape(out.shape[0], -1))
 
 
 class GeGLU(nn.Module):
-    def __init__(self, config: ModelConfig, spec, inits):
+    def __init__(self, config: ModelConfig, spec, inits, kernels: KernelSet):
         super().__init__()
+        self.kernels = kernels
         self.Wi = spec.column_linear(config.hidden_size, 2 * config.ffn_hidden_size, inits["in"])
         self.Wo = spec.row_linear(config.ffn_hidden_size, config.hidden_size, inits["out"])
 
     def forward(self, x):
-        # Wi rows are interleaved [input_c; gate_c]; exact erf GELU, like HF "gelu" (kernels.geglu dispatch)
-        return self.Wo(geglu(self.Wi(x), interleaved=True))
+        # Wi rows are interleaved [input_c; gate_c]; exact erf GELU, like HF "gelu"
+        return self.Wo(self.kernels.geglu(self.Wi(x), interleaved=True))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, spec, inits):
+    def __init__(self, config: ModelConfig, layer: int, spec, inits, kernels: KernelSet):
         super().__init__()
         norm = lambda: spec.norm(config.normalization, config.hidden_size, config.norm_eps, on_token_shards=True)
         # Layer 0 has no attention pre-norm: the embedding norm plays that role.
         self.attn_norm = nn.Identity() if layer == 0 else norm()
-        self.attn = Attention(config, layer, spec, inits)
+        self.attn = Attention(config, layer, spec, inits, kernels)
         self.mlp_norm = norm()
-        self.mlp = GeGLU(config, spec, inits)
+        self.mlp = GeGLU(config, spec, inits, kernels)
 
     def forward(self, x, positions, cu_seqlens, max_seqlen):
         x = x + self.attn(self.attn_norm(x), positions, cu_seqlens, max_seqlen)
@@ -79,17 +83,21 @@ class Embeddings(nn.Module):
 
 
 class CMBertModel(nn.Module):
-    """Embeddings + encoder layers + final norm. Returns this rank's token slice under sequence parallelism."""
+    """Embeddings + encoder layers + final norm. Returns this rank's token slice under sequence parallelism.
+    `kernels`: the KernelSet its layers call (default: from config.kernel_backend / kernel_overrides)."""
 
-    def __init__(self, config: ModelConfig, spec=None):
+    def __init__(self, config: ModelConfig, spec=None, kernels: KernelSet | None = None):
         super().__init__()
         spec = spec or TorchSpec()
         config.validate_parallel(spec.tensor_parallel_size)
         self.config, self.spec = config, spec
+        self.kernels = kernels or KernelSet.from_config(config)
         inits = init_methods(config)
         self.embeddings = Embeddings(config, spec, inits)
-        self.layers = nn.ModuleList(EncoderLayer(config, i, spec, inits) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(EncoderLayer(config, i, spec, inits, self.kernels)
+                                    for i in range(config.num_layers))
         self.final_norm = spec.norm(config.normalization, config.hidden_size, config.norm_eps, on_token_shards=True)
+        bind_kernels(self, self.kernels)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         total = input_ids.shape[0]
@@ -136,7 +144,9 @@ class CMBertForMaskedLM(nn.Module):
         self.config, self.spec = config, spec
         inits = init_methods(config)
         self.model = CMBertModel(config, spec)
+        self.kernels = self.model.kernels
         self.head = PredictionHead(config, spec, inits)
+        bind_kernels(self.head, self.kernels)
         padded = config.padded_vocab_size(spec.tensor_parallel_size)
         self.decoder_bias = spec.vocab_bias(padded)
         start, end = spec.vocab_range(padded)
@@ -144,8 +154,9 @@ class CMBertForMaskedLM(nn.Module):
         self.register_buffer("vocab_padding", torch.arange(start, end) >= config.vocab_size, persistent=False)
 
     def set_attention_backend(self, backend: str | None):
-        for layer in self.model.layers:
-            layer.attn.backend = backend
+        """Switch attention's backend after building (None: back to the config's). Kept for callers that
+        predate ModelConfig.kernel_overrides; new code sets the config instead."""
+        self.kernels.set_backend("attention", backend or KernelSet.from_config(self.config).names["attention"])
 
     def forward(self, input_ids, cu_seqlens, max_seqlen, labels=None) -> MaskedLMOutput:
         """input_ids, labels: packed (tokens,); labels -100 where nothing is predicted."""
