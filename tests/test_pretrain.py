@@ -83,11 +83,17 @@ def same_steps(straight, resumed):
 
 def test_20_steps_equal_10_plus_resume_10(setup, single):
     root, common = setup
-    ckpt = root / "ckpt_plain"
-    first, _ = run(common + ["--save", str(ckpt), "--save-interval", "10", "--exit-interval", "10"], root, "first10")
-    second, res = run(common + ["--save", str(ckpt), "--load", str(ckpt)], root, "last10")
+    ckpt, cache = root / "ckpt_plain", root / "sample_cache"
+    # Both halves read the sample indices from their own cache (the first builds it, the resume reuses it);
+    # the uninterrupted run used the default cache beside the dataset.
+    first, _ = run(common + ["--save", str(ckpt), "--save-interval", "10", "--exit-interval", "10",
+                             "--data-cache-path", str(cache)], root, "first10")
+    built = {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix == ".npy"}
+    second, res = run(common + ["--save", str(ckpt), "--load", str(ckpt), "--data-cache-path", str(cache)],
+                      root, "last10")
     assert "at step 10" in res.stdout
     same_steps(single, first + second)
+    assert built and {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix == ".npy"} == built
     assert (ckpt / "iter_0000020" / "tokenizer" / "tokenizer.json").is_file()
     config = json.load(open(ckpt / "iter_0000020" / "config.json"))
     assert config["model"]["num_layers"] == 3 and config["train"]["schedule"]["train_iters"] == 20

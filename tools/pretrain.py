@@ -65,9 +65,10 @@ def world_size() -> int:
 def launch_errors() -> tuple[type, ...]:
     """The typed errors a configuration mistake raises (turned into one line and exit status 2)."""
     from megatron_cmbert.data.dataset_checks import DataConfigError
+    from megatron_cmbert.data.sample_cache import SampleCacheError
     from megatron_cmbert.training.checkpoint import CheckpointError
 
-    return ConfigError, DataConfigError, CheckpointError
+    return ConfigError, DataConfigError, CheckpointError, SampleCacheError
 
 
 def check_launch(cfg: TrainConfig, world: int):
@@ -75,6 +76,7 @@ def check_launch(cfg: TrainConfig, world: int):
     ModelConfig. Raises ConfigError, DataConfigError or CheckpointError with a one-line message."""
     from megatron_cmbert.data.dataset_checks import check_data_prefix, check_dataset_tokenizer
     from megatron_cmbert.data.pretrain_data import parse_data_path, split_ranges
+    from megatron_cmbert.data.sample_cache import default_cache_dir
     from megatron_cmbert.data.tokenizer import load_tokenizer
     from megatron_cmbert.training.config import check_checkpoint_dirs
 
@@ -105,6 +107,14 @@ def check_launch(cfg: TrainConfig, world: int):
         check_data_prefix(prefix)
     for prefix in prefixes:
         check_dataset_tokenizer(prefix, data.tokenizer_model)
+    for folder in [data.data_cache_path] if data.data_cache_path else {default_cache_dir(p) for p in prefixes}:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"sample index cache {folder}: cannot create it ({exc.strerror}); "
+                              f"choose another with --data-cache-path") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"sample index cache {folder}: not writable; choose another with --data-cache-path")
     model = cfg.model.resolve(vocab)
     try:
         model.validate_parallel(tp)

@@ -20,7 +20,8 @@ import torch
 
 from megatron_cmbert.data.masking import MaskingConfig, mask_tokens, sample_rng
 from megatron_cmbert.data.packing import BlendIndex
-from megatron_cmbert.data.sample_cache import EpochCache, check_word_starts, dataset_fingerprint, default_cache_dir
+from megatron_cmbert.data.sample_cache import (DocumentReader, EpochCache, EpochReader, check_word_starts,
+                                               dataset_fingerprint, default_cache_dir)
 from megatron_cmbert.data.tokenizer import CLS_ID, SEP_ID
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -78,7 +79,7 @@ class TokenDataset:
 
 class PackedSplit:
     """One dataset's documents of one split, packed; each epoch reshuffles the documents. The packing of
-    each epoch is built once into the sample cache (data/sample_cache.py) and memory-mapped."""
+    each epoch is built once into the sample cache (data/sample_cache.py); samples read their rows from it."""
 
     def __init__(self, data: TokenDataset, doc_range: tuple[int, int], seq_length: int, seed: int,
                  dataset_index: int, min_piece: int = 16, cache_dir: Optional[str] = None):
@@ -89,7 +90,8 @@ class PackedSplit:
         check_word_starts(data.tokens, data.word_starts, data.prefix, cache_dir, fingerprint)
         self.cache = EpochCache(data.prefix, fingerprint, doc_range, seq_length, seed, dataset_index,
                                 min_piece, cache_dir)
-        self._epochs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.readers = (DocumentReader(data.prefix), DocumentReader(data.prefix + "_wordstart"))
+        self._epochs: list[EpochReader] = []
         self._epoch_starts = [0]
         self._epoch(0)  # an empty split shows here, as no samples
 
@@ -100,14 +102,11 @@ class PackedSplit:
     def __bool__(self) -> bool:
         return self._epoch_starts[1] > 0
 
-    def __getstate__(self) -> dict:  # loader workers reopen the memory maps rather than pickle their pages
-        return {**self.__dict__, "_epochs": [], "_epoch_starts": [0]}
-
-    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+    def _epoch(self, e: int) -> EpochReader:
         while len(self._epochs) <= e:
-            pieces, offsets, n = self.cache.open(len(self._epochs), self.data.lengths)
-            self._epochs.append((pieces, offsets))
-            self._epoch_starts.append(self._epoch_starts[-1] + n)
+            reader = self.cache.reader(len(self._epochs), self.data.lengths)
+            self._epochs.append(reader)
+            self._epoch_starts.append(self._epoch_starts[-1] + len(reader))
         return self._epochs[e]
 
     def pieces(self, j: int) -> np.ndarray:
@@ -116,18 +115,17 @@ class PackedSplit:
             raise IndexError("sample of an empty split")
         e = 0
         while True:
-            pieces, offsets = self._epoch(e)
+            reader = self._epoch(e)
             if j < self._epoch_starts[e + 1]:
-                local = j - self._epoch_starts[e]
-                return pieces[offsets[local]:offsets[local + 1]]
+                return reader[j - self._epoch_starts[e]]
             e += 1
 
     def sample(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, word-start flags, sequence lengths) of sample j with [CLS]/[SEP] around each piece."""
         toks, flags, lens = [], [], []
         for doc, start, length in self.pieces(j).tolist():
-            t = self.data.tokens.get(doc, offset=start, length=length)
-            f = self.data.word_starts.get(doc, offset=start, length=length).copy()
+            t = self.readers[0].get(doc, start, length)
+            f = self.readers[1].get(doc, start, length).copy()
             f[0] = 1  # a piece cut mid-word starts a unit of its own: units never span pieces
             toks += [[CLS_ID], t, [SEP_ID]]
             flags += [[1], f, [1]]

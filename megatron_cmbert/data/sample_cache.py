@@ -15,7 +15,11 @@ mtimes and the head and tail bytes of its ``.idx``), so a changed input gets a n
 are never read. One process builds an entry while the others wait on an ``fcntl`` lock beside it, so
 ranks, loader workers and separate jobs need no torch.distributed; files appear by rename, and the
 small ``.json`` written last marks an entry complete. Readers open everything with ``mmap_mode="r"``:
-nothing proportional to the number of documents is copied into a process.
+nothing proportional to the number of documents is copied into a process. The per-sample path reads
+its few rows with ``os.pread`` instead (``EpochReader``, ``DocumentReader``): a mapped file page counts
+as a process's private memory (USS) until another process maps it too, and with the kernel's large
+page-cache folios one sample's lookups mapped about 1 MB; read, the memory of a rank stays flat however
+long it trains and however large the dataset (measured in docs/BENCHMARKS.md).
 
 The builder's peak memory: the int32 permutation of the split's documents (4 bytes/document, numpy's
 ``permutation`` -- identical to the uncached order) and its non-empty subset; pieces stream to disk in
@@ -29,12 +33,14 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from typing import Iterator, Optional
 
 import numpy as np
 
 from megatron_cmbert.data import helpers
+from megatron_cmbert.data.indexed import DTYPE_CODES, INDEX_HEADER
 
 FORMAT = 1        # bump when the meaning of a cached file changes
 CHUNK = 1 << 22   # documents packed per C++ call while streaming pieces to disk
@@ -158,6 +164,78 @@ def check_word_starts(tokens, word_starts, prefix: str, cache_dir: str, fingerpr
     _cached(os.path.join(cache_dir, f"{stem}-{_key({'check': fingerprint, 'format': FORMAT})}.checked.json"), build)
 
 
+class _Pread:
+    """Byte ranges of a file by ``os.pread``: no mapping, no file position (safe after fork)."""
+
+    def __init__(self, path: str):
+        self.path, self._fd = path, None
+
+    def read(self, n: int, offset: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, n, offset)
+        if len(data) != n:
+            raise SampleCacheError(f"{self.path}: {len(data)} of {n} bytes at {offset}: the file is truncated")
+        return data
+
+    def __getstate__(self) -> dict:  # a spawned process opens its own descriptor
+        return {"path": self.path, "_fd": None}
+
+    def __del__(self):
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+def _npy_data(path: str) -> tuple[int, np.dtype]:
+    """(byte offset of the data, dtype) of a C-ordered .npy file."""
+    with open(path, "rb") as fh:
+        np.lib.format.read_magic(fh)
+        _, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        if fortran:
+            raise SampleCacheError(f"{path}: not a C-ordered array")
+        return fh.tell(), dtype
+
+
+class DocumentReader:
+    """Token ranges of a Megatron indexed dataset (``PREFIX.idx`` / ``.bin``), read with ``os.pread``."""
+
+    def __init__(self, prefix: str):
+        with open(prefix + ".idx", "rb") as fh:
+            header = fh.read(34)
+        if header[:9] != INDEX_HEADER:
+            raise SampleCacheError(f"{prefix}.idx: not a Megatron indexed dataset")
+        version, code, n_seqs, _ = struct.unpack("<QBQQ", header[9:])
+        codes = {c: np.dtype(t) for t, c in DTYPE_CODES.items()}
+        if version != 1 or code not in codes:
+            raise SampleCacheError(f"{prefix}.idx: version {version}, dtype code {code} not supported")
+        self.dtype, self.n = codes[code], n_seqs
+        self.pointers = 34 + 4 * n_seqs  # byte offset of the int64 pointers, after the int32 lengths
+        self.idx, self.bin = _Pread(prefix + ".idx"), _Pread(prefix + ".bin")
+
+    def get(self, doc: int, start: int, length: int) -> np.ndarray:
+        (pointer,) = struct.unpack("<q", self.idx.read(8, self.pointers + 8 * doc))
+        size = self.dtype.itemsize
+        return np.frombuffer(self.bin.read(length * size, pointer + start * size), dtype=self.dtype)
+
+
+class EpochReader:
+    """Sample ``local`` -> its (n, 3) piece rows of one cached epoch, read with ``os.pread``."""
+
+    def __init__(self, paths: dict, samples: int):
+        self.samples = samples
+        (self.p0, pdtype), (self.o0, odtype) = _npy_data(paths["pieces"]), _npy_data(paths["offsets"])
+        if (pdtype, odtype) != (np.dtype(np.int32), np.dtype(np.int64)):
+            raise SampleCacheError(f"{paths['pieces']}: unexpected dtypes {pdtype}, {odtype}")
+        self.pieces, self.offsets = _Pread(paths["pieces"]), _Pread(paths["offsets"])
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, local: int) -> np.ndarray:
+        lo, hi = struct.unpack("<qq", self.offsets.read(16, self.o0 + 8 * local))
+        return np.frombuffer(self.pieces.read(12 * (hi - lo), self.p0 + 12 * lo), dtype=np.int32).reshape(-1, 3)
+
+
 class EpochCache:
     """The packed samples of one dataset's split, epoch by epoch, built on first use and memory-mapped.
 
@@ -191,6 +269,11 @@ class EpochCache:
         if len(pieces) != meta["pieces"] or len(offsets) != meta["samples"] + 1:
             raise SampleCacheError(f"{paths['meta']}: cached arrays do not match their metadata; delete the entry")
         return pieces, offsets, int(meta["samples"])
+
+    def reader(self, epoch: int, lengths: np.ndarray) -> EpochReader:
+        """The per-sample reader of ``epoch`` (built first if needed)."""
+        meta, _ = self.ensure(epoch, lengths)
+        return EpochReader(self.paths(epoch), int(meta["samples"]))
 
     def _build(self, epoch: int, lengths: np.ndarray) -> dict:
         BUILDS["epoch"] += 1

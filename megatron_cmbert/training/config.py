@@ -212,6 +212,9 @@ class DataConfig:
     """Fixed masking rate of the validation loss."""
     num_workers: int = 0
     """DataLoader worker processes per rank (batches are identical with any number)."""
+    data_cache_path: Optional[str] = field(default=None, metadata={"metavar": "DIR"})
+    """Where the sample indices (document order, packing, blend) are built once and memory-mapped from;
+    default: a cache/ folder beside each dataset. Must be shared by all ranks of a node or more."""
 
     def __post_init__(self):
         for name in ("seq_length", "micro_batch_size", "global_batch_size"):

@@ -117,13 +117,13 @@ class Trainer:
                                 random_prob=data.random_prob, granularity=data.masking)
         seed = self.cfg.seed
         self.train_data = PretrainSamples(data.data_path, data.split, "train", data.seq_length, seed,
-                                          self.schedule.train_iters * gbs, masking)
+                                          self.schedule.train_iters * gbs, masking, cache_dir=data.data_cache_path)
         self.valid_data = None
         log = self.cfg.logging
         if log.eval_interval and log.eval_iters:
             try:
                 self.valid_data = PretrainSamples(data.data_path, data.split, "valid", data.seq_length, seed,
-                                                  log.eval_iters * gbs, masking)
+                                                  log.eval_iters * gbs, masking, cache_dir=data.data_cache_path)
             except ValueError as exc:
                 self._print(f"note: no validation ({exc})")
 
