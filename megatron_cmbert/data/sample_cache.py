@@ -280,10 +280,13 @@ class EpochCache:
         lo, hi = self.doc_range
         # int32 keeps the shuffle at 4 bytes/document; numpy's shuffle draws the same swaps for any
         # dtype, so the order equals that of permuting the int64 range (the uncached implementation).
-        dtype = np.int32 if hi <= np.iinfo(np.int32).max else np.int64
-        order = np.random.default_rng([self.seed, self.dataset_index, epoch]).permutation(
-            np.arange(lo, hi, dtype=dtype))
-        order = order[lengths[order] > 0]
+        # permutation(x) is shuffle(copy of x): shuffling in place saves the copy.
+        order = np.arange(lo, hi, dtype=np.int32 if hi <= np.iinfo(np.int32).max else np.int64)
+        np.random.default_rng([self.seed, self.dataset_index, epoch]).shuffle(order)
+        keep = np.empty(len(order), dtype=bool)
+        for start in range(0, len(order), CHUNK):  # blockwise: no full-size gathered lengths
+            keep[start:start + CHUNK] = lengths[order[start:start + CHUNK]] > 0
+        order = order[keep]
         paths = self.paths(epoch)
         pieces = _NpyStream(paths["pieces"], np.int32, (3,))
         ends = _NpyStream(paths["offsets"], np.int64)
