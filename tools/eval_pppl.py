@@ -124,6 +124,7 @@ def run(args) -> dict:
 
     from megatron_cmbert.eval.encoders import encoder_from_args
     from megatron_cmbert.eval.pppl import encoder_nll_fn, evaluate_lengths
+    from megatron_cmbert.eval.report import machine
 
     encoder = encoder_from_args(args).eval()
     lengths = sorted(set(args.lengths))
@@ -150,10 +151,13 @@ def run(args) -> dict:
             "held_out": args.data_prefix or args.input, "split": args.split, "split_part": args.split_part if args.split else None,
             "pool_tokens": int(len(tokens)), "dtype": str(next(encoder.backbone.parameters()).dtype).replace("torch.", ""),
             "device": str(encoder.device), "trained_length": trained, "seed": args.seed,
-            "interval": "95% percentile bootstrap over units", "results": rows}
+            "interval": "95% percentile bootstrap over units", "machine": machine(encoder.device), "results": rows}
 
 
 def print_table(report: dict) -> None:
+    from megatron_cmbert.eval.report import machine_line
+
+    print(machine_line(report["machine"]))
     print(f"PPPL of {report['model']} ({report['kind']}, {report['dtype']}, {report['device']}), unit={report['unit']}, "
           f"pool {report['pool_tokens']} tokens of {report['held_out']}")
     first = report["results"][0]["length"]
