@@ -1,4 +1,4 @@
-"""Sample indices built once, cached on disk as ``.npy``, memory-mapped by every rank and loader worker.
+"""Sample indices built once, cached on disk as ``.npy``, shared by every rank and loader worker.
 
 What is cached (all under ``--data-cache-path``, default ``cache/`` beside each dataset):
 
@@ -14,16 +14,18 @@ Entries are named by a hash of everything they depend on (the dataset's fingerpr
 mtimes and the head and tail bytes of its ``.idx``), so a changed input gets a new name and stale files
 are never read. One process builds an entry while the others wait on an ``fcntl`` lock beside it, so
 ranks, loader workers and separate jobs need no torch.distributed; files appear by rename, and the
-small ``.json`` written last marks an entry complete. Readers open everything with ``mmap_mode="r"``:
-nothing proportional to the number of documents is copied into a process. The per-sample path reads
-its few rows with ``os.pread`` instead (``EpochReader``, ``DocumentReader``): a mapped file page counts
-as a process's private memory (USS) until another process maps it too, and with the kernel's large
-page-cache folios one sample's lookups mapped about 1 MB; read, the memory of a rank stays flat however
-long it trains and however large the dataset (measured in docs/BENCHMARKS.md).
+small ``.json`` written last marks an entry complete.
 
-The builder's peak memory: the int32 permutation of the split's documents (4 bytes/document, numpy's
-``permutation`` -- identical to the uncached order) and its non-empty subset; pieces stream to disk in
-chunks of ``CHUNK`` documents.
+Nothing proportional to the number of documents is copied into a process: ``EpochCache.open`` and
+``blend_starts`` give ``np.load(mmap_mode="r")`` arrays, and the per-sample path reads its few rows with
+``os.pread`` (``EpochReader``, ``DocumentReader``), because a mapped file page counts as a process's
+private memory (USS) until another process maps it too, and with the kernel's large page-cache folios
+one sample's lookups mapped about 1 MB. Read, a rank's memory stays flat however long it trains and
+however large the dataset (measured in docs/BENCHMARKS.md).
+
+The builder's peak memory: the int32 document range shuffled in place (4 bytes/document; numpy draws the
+same swaps for any dtype, so the order is the uncached implementation's) and its non-empty subset;
+pieces stream to disk in chunks of ``CHUNK`` documents.
 """
 from __future__ import annotations
 

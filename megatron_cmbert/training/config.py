@@ -213,7 +213,7 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank (batches are identical with any number)."""
     data_cache_path: Optional[str] = field(default=None, metadata={"metavar": "DIR"})
-    """Where the sample indices (document order, packing, blend) are built once and memory-mapped from;
+    """Where the sample indices (document order, packing, blend) are built once and read from by every rank;
     default: a cache/ folder beside each dataset. Must be shared by all ranks of a node or more."""
 
     def __post_init__(self):
