@@ -1,7 +1,8 @@
 """Packing documents into fixed-budget samples of ``[CLS] piece [SEP]`` sequences, and blending.
 
-Packing is computed once, up front, from the document lengths alone, so a sample's content depends
-only on (seed, sample index): a resumed run or another rank rebuilds the same index. Samples are
+Packing is computed from the document lengths alone, so a sample's content depends only on (seed,
+sample index); data/sample_cache.py builds it once per epoch and every rank, worker and resumed run
+reads that copy. Samples are
 unpadded: each holds up to ``seq_length`` tokens made of one or more document pieces, each piece
 wrapped in [CLS] ... [SEP]; the model sees them as separate sequences (``cu_seqlens``).
 A document longer than the space left is split: the first part fills the sample, the rest starts
