@@ -175,6 +175,7 @@ def print_tables(report: dict) -> None:
 def run(args) -> dict:
     from tqdm import tqdm
 
+    from megatron_cmbert.eval.encoders import attention_backend
     from megatron_cmbert.eval.report import machine
     from megatron_cmbert.eval.throughput import benchmark, make_bucket
 
@@ -188,7 +189,7 @@ def run(args) -> dict:
         for load in specs:
             encoder = load()
             row = benchmark(encoder, buckets, args.runs, args.warmup, progress=bar)
-            backend = encoder.mlm.model.layers[0].attn.backend if encoder.kind == "ours" else args.hf_attn_implementation
+            backend = attention_backend(encoder) if encoder.kind == "ours" else args.hf_attn_implementation
             row["attention_backend"] = backend or "auto"
             row["label"] = f"{os.path.basename(os.path.normpath(encoder.name)) if encoder.kind == 'hf' else encoder.name}" + \
                 (f" [{backend}]" if encoder.kind == "ours" and len(args.attention_backend) > 1 else "")

@@ -247,6 +247,11 @@ def load_encoder(load: str | None = None, hf: str | None = None, *, device="cpu"
     return _load_hf(hf, device, dtype, attention_backend)
 
 
+def attention_backend(encoder: Encoder) -> str | None:
+    """The attention backend our model runs (None for an HF model: transformers chose it)."""
+    return encoder.mlm.kernels.names["attention"] if encoder.kind == "ours" else None
+
+
 def random_init_like(encoder: Encoder, seed: int) -> Encoder:
     """The same architecture and tokenizer, freshly initialised under `seed` (the from-scratch baseline)."""
     device = encoder.device
@@ -257,7 +262,7 @@ def random_init_like(encoder: Encoder, seed: int) -> Encoder:
 
         return ours_encoder(CMBertForMaskedLM(encoder.config), f"{encoder.name} (random init, seed {seed})",
                             encoder.tokenizer, encoder.tokenizer_dir, encoder.max_length, device, dtype,
-                            encoder.mlm.model.layers[0].attn.backend)
+                            attention_backend(encoder))
     import transformers
 
     kwargs = {"trust_remote_code": True}
