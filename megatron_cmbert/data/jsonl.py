@@ -28,6 +28,7 @@ class Record:
     reason: Optional[str] = None
     detail: str = ""
     nbytes: int = 0  # size of the raw line, for progress in MB/s
+    raw: bytes = b""  # the line's bytes, only with iter_records(keep_raw=True) (byte-exact copies)
 
     @property
     def where(self) -> str:
@@ -65,29 +66,31 @@ def open_binary(path: str):
     return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
 
 
-def iter_records(paths: Iterable[str]) -> Iterator[Record]:
-    """Yield one Record per non-blank line of each file, in order. Never raises on bad content."""
+def iter_records(paths: Iterable[str], keep_raw: bool = False) -> Iterator[Record]:
+    """Yield one Record per non-blank line of each file, in order. Never raises on bad content.
+    ``keep_raw`` also keeps each line's bytes (newline included) so a filter can copy it unchanged."""
     for path in paths:
         with open_binary(path) as fh:
             for lineno, raw in enumerate(fh, start=1):
                 nbytes = len(raw)
+                keep = raw if keep_raw else b""
                 if not raw.strip():
                     continue  # blank lines (e.g. a trailing newline) are not documents
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    yield Record(path, lineno, None, "invalid_utf8", f"byte {exc.start}", nbytes)
+                    yield Record(path, lineno, None, "invalid_utf8", f"byte {exc.start}", nbytes, keep)
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg  # "Invalid control character at"
-                    yield Record(path, lineno, None, "malformed_json", f"{msg} at column {exc.colno}", nbytes)
+                    yield Record(path, lineno, None, "malformed_json", f"{msg} at column {exc.colno}", nbytes, keep)
                     continue
                 if not isinstance(obj, dict):
-                    yield Record(path, lineno, None, "malformed_json", "not a JSON object", nbytes)
+                    yield Record(path, lineno, None, "malformed_json", "not a JSON object", nbytes, keep)
                     continue
-                yield Record(path, lineno, obj, nbytes=nbytes)
+                yield Record(path, lineno, obj, nbytes=nbytes, raw=keep)
 
 
 def get_text(record: Record, key: str) -> tuple[Optional[str], Optional[str]]:

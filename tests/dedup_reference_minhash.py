@@ -1,4 +1,7 @@
-"""MinHash + LSH near-duplicate detection for Chinese text (used by ``tools/dedup_minhash.py``).
+"""The single-process MinHash + LSH that tools/dedup_minhash.py used before it ran on datatrove.
+
+Kept only as the reference of tests/test_dedup_agreement.py (what the datatrove pipeline removes is
+compared with what this removed). It holds every signature in one process, so it is not a tool.
 
 Pipeline: ``normalize`` (NFKC, drop punctuation/whitespace/control) -> character n-gram shingles
 hashed to 64 bits (``shingle_hashes``) -> MinHash signatures with universal hashing
@@ -14,8 +17,7 @@ in which candidate pairs are visited.
 from __future__ import annotations
 
 import math
-import unicodedata
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -25,71 +27,9 @@ _M32 = np.uint64(0xFFFFFFFF)
 _M29 = np.uint64((1 << 29) - 1)
 _U = np.uint64
 
-# Characters dropped before shingling: punctuation (P*), separators/spaces (Z*), control (Cc) and
-# format characters (Cf: zero-width spaces, BOMs). Otherwise "，" vs "," or an inserted space would
-# change every shingle that spans it and hide an obvious duplicate.
-_DROP_CATEGORIES = ("P", "Z", "Cc", "Cf")
-_BMP_DROP: Optional[np.ndarray] = None
-
-
-def _drop_char(ch: str) -> bool:
-    cat = unicodedata.category(ch)
-    return cat[0] in "PZ" or cat in ("Cc", "Cf")
-
-
-def _bmp_drop_table() -> np.ndarray:
-    """Boolean lookup over the BMP (built once, ~65k category lookups) so filtering is vectorised."""
-    global _BMP_DROP
-    if _BMP_DROP is None:
-        _BMP_DROP = np.array([_drop_char(chr(c)) for c in range(0x10000)], dtype=bool)
-    return _BMP_DROP
-
-
-def normalize_codepoints(text: str) -> np.ndarray:
-    """NFKC-normalised code points of ``text`` with punctuation/whitespace/control removed (uint32)."""
-    text = unicodedata.normalize("NFKC", text)
-    cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-    bmp = cps < 0x10000
-    drop = np.zeros(len(cps), dtype=bool)
-    drop[bmp] = _bmp_drop_table()[cps[bmp]]
-    if not bmp.all():  # astral characters (rare: emoji, CJK ext. B) are checked one by one
-        for i in np.flatnonzero(~bmp):
-            drop[i] = _drop_char(chr(int(cps[i])))
-    return cps[~drop]
-
-
-def normalize(text: str) -> str:
-    """String form of ``normalize_codepoints`` (what the shingles are taken from)."""
-    return normalize_codepoints(text).astype("<u4").tobytes().decode("utf-32-le")
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a fixed, well-distributed 64-bit mixing (uint64 arithmetic wraps)."""
-    x = x ^ (x >> _U(30))
-    x = x * _U(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> _U(27))
-    x = x * _U(0x94D049BB133111EB)
-    return x ^ (x >> _U(31))
-
-
-def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
-    """Sorted unique 64-bit hashes of the character ``ngram``-shingles of ``normalize(text)``.
-
-    A normalised text shorter than ``ngram`` is a single shingle; an empty one has no shingles
-    (returns an empty array: such a document cannot be compared and is never removed).
-    The hash is a stable rolling combination of code points through splitmix64, so it is the same
-    on every run and platform, and ~100x faster than calling blake2b per shingle.
-    """
-    cps = normalize_codepoints(text).astype(np.uint64)
-    if len(cps) == 0:
-        return np.zeros(0, dtype=np.uint64)
-    width = min(ngram, len(cps))
-    count = len(cps) - width + 1
-    h = np.full(count, 0x9E3779B97F4A7C15, dtype=np.uint64)
-    for j in range(width):
-        h = _mix64(h * _U(0x100000001B3) + cps[j : j + count])
-    h = _mix64(h ^ _U(width))  # a 3-char text must not collide with a 5-char shingle's prefix state
-    return np.unique(h)
+# Shingles (NFKC, punctuation/whitespace dropped, character n-grams, splitmix64) are the ones the
+# datatrove pipeline uses, so the comparison is about the engines (LSH + verification vs buckets).
+from megatron_cmbert.data.dedup import _mix64, char_shingles as shingle_hashes  # noqa: E402
 
 
 def mulmod_mersenne(a_hi, a_lo, x, b) -> np.ndarray:
@@ -185,26 +125,6 @@ class MinHasher:
         if valid.any():
             sigs[valid] = self.signatures([h for h in hashes if len(h)])
         return sigs, valid
-
-
-# Worker-process state for multiprocessing (set by the pool initializer, one hasher per process).
-_WORKER_HASHER: Optional[MinHasher] = None
-
-
-def init_worker(num_perm: int, seed: int, ngram: int) -> None:
-    global _WORKER_HASHER
-    _WORKER_HASHER = MinHasher(num_perm, seed, ngram)
-
-
-def sign_chunk(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Pool task: signatures of one chunk (pure function of the texts, so any worker count agrees)."""
-    assert _WORKER_HASHER is not None, "init_worker was not called"
-    return _WORKER_HASHER.signatures_for_texts(texts)
-
-
-def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
-    """Fraction of equal signature slots: an unbiased estimate of the shingle-set Jaccard."""
-    return float(np.mean(sig_a == sig_b))
 
 
 def collision_probability(s, bands: int, rows: int):
