@@ -10,8 +10,8 @@ rm -rf "$OUT"
 CORPUS=examples/data/demo_corpus.jsonl
 export TOKENIZERS_PARALLELISM=false
 
-echo; echo "== 1/7 near-duplicate removal (MinHash, Jaccard >= 0.8)"
-python tools/dedup_minhash.py --input "$CORPUS" --output-dir "$OUT/dedup" --no-progress
+echo; echo "== 1/7 near-duplicate removal (datatrove MinHash on the local executor, character 5-grams, Jaccard ~0.8)"
+python tools/dedup_minhash.py --input "$CORPUS" --output-dir "$OUT/dedup" --tasks 2 --workers 2 --quiet
 
 echo; echo "== 2/7 tokenizer (character BPE, size a multiple of 64)"
 python tools/train_tokenizer.py --input "$OUT/dedup/demo_corpus.jsonl" --vocab-size 8192 \

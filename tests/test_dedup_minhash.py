@@ -150,3 +150,34 @@ def test_cli_errors_and_script_help(corpus, tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "dedup_minhash.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "datatrove" in res.stdout and "--tasks" in res.stdout
+
+
+def test_slurm_example_submits_five_dependent_stages(corpus, tmp_path, monkeypatch):
+    """No Slurm here: datatrove's sbatch call is replaced by a recorder, everything before it (the
+    pickled pipelines, the generated batch scripts, the dependency chain) is the real thing."""
+    slurm = pytest.importorskip("datatrove.executor.slurm", reason="needs datatrove's Slurm executor")
+    tmp, _, _ = corpus
+    scripts = []
+
+    def fake_launch(contents, retriever, *args):
+        scripts.append((contents, args))
+        return str(1000 + len(scripts))
+
+    monkeypatch.setattr(slurm, "launch_slurm_job", fake_launch)
+    spec = importlib.util.spec_from_file_location("slurm_dedup", ROOT / "examples" / "slurm_dedup.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "out"
+    assert example.main(["--input", str(tmp / "a.jsonl"), str(tmp / "b.jsonl.gz"), "-o", str(out),
+                         "--partition", "cpu", "--tasks", "2"]) == 0
+    stages = [c for c, _ in scripts if "--job-name=dedup_" in c and "merge_stats" not in c]
+    names = [c.split("--job-name=dedup_")[1].split()[0] for c in stages]
+    assert names == ["signatures", "buckets", "clusters", "filter", "report"]
+    assert all("--partition=cpu" in c for c in stages)
+    for stage in ("signatures", "buckets", "clusters", "filter", "report"):  # pickled for the jobs
+        assert (out / ".dedup_work" / "logs" / stage / "executor.pik").exists()
+    # sbatch arguments per stage, and the id the recorder gave each stage's job
+    runs = [(str(1001 + i), args) for i, (c, args) in enumerate(scripts) if c in stages]
+    assert not any("dependency" in a for a in runs[0][1])
+    for (before, _), (_, args) in zip(runs, runs[1:]):  # each stage waits for the previous one's success
+        assert f"--dependency=afterok:{before}" in args

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=1,
                    help="tasks of the signature and filter stages; input file i goes to task i %% tasks (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes running tasks at once (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="hide datatrove's per-task log lines on stderr")
+    p.add_argument("--quiet", action="store_true",
+                   help="send datatrove's per-task log lines to WORK/logs/stderr.txt instead of stderr")
     p.add_argument("--no-progress", action="store_true", help="same as --quiet (kept for older scripts)")
     return p
 
@@ -85,6 +86,21 @@ def print_table(report: dict) -> None:
             print(f"  passed {n:>8d}  {reason:<15s} (first at {', '.join(f['bad_line_examples'][reason])})")
 
 
+@contextlib.contextmanager
+def _stderr_to(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as fh:
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def run_local(paths, out_dir, work_dir, settings, tasks, workers, quiet=False) -> dict:
     """Runs the five stages with datatrove's local executor; returns the report."""
     from datatrove.executor import LocalPipelineExecutor
@@ -95,9 +111,9 @@ def run_local(paths, out_dir, work_dir, settings, tasks, workers, quiet=False) -
         previous = LocalPipelineExecutor(
             stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
             logging_dir=os.path.join(work_dir, "logs", stage.name), depends=previous)
-    # datatrove logs every task to stderr at INFO (and to WORK/logs/*/logs); quiet hides the
-    # stderr copy: its per-task sink is added at task start, so it picks up the redirected stream.
-    with contextlib.redirect_stderr(open(os.devnull, "w")) if quiet else contextlib.nullcontext():
+    # datatrove logs every task to stderr at INFO (and to WORK/logs/<stage>/logs). Quiet sends
+    # file descriptor 2 to WORK/logs/stderr.txt for the run, so worker processes are quiet too.
+    with _stderr_to(os.path.join(work_dir, "logs", "stderr.txt")) if quiet else contextlib.nullcontext():
         previous.run()
     with open(os.path.join(out_dir, "dedup_report.json"), encoding="utf-8") as fh:
         return json.load(fh)
