@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("datatrove", reason="needs the PyPI package datatrove (==0.10.1)")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import dedup_reference_minhash as ref  # noqa: E402

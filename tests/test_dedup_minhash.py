@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cmbert.data.dedup import DedupError, DedupSettings, char_shingles, check_work_dir
+pytest.importorskip("datatrove", reason="needs the PyPI package datatrove (==0.10.1)")
+from megatron_cmbert.data.dedup import DedupError, DedupSettings, char_shingles, check_work_dir  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +27,14 @@ tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tool)
 
 
+def ref_norm(text: str) -> str:
+    """NFKC without punctuation, separators, control and format characters, one by one."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text)
+                   if not (unicodedata.category(c)[0] in "PZ" or unicodedata.category(c) in ("Cc", "Cf")))
+
+
 def ref_shingles(text: str, n: int = 5) -> set:
-    s = "".join(c for c in unicodedata.normalize("NFKC", text)
-                if not (unicodedata.category(c)[0] in "PZ" or unicodedata.category(c) in ("Cc", "Cf")))
+    s = ref_norm(text)
     if len(s) < n:
         return {s} if s else set()
     return {s[i: i + n] for i in range(len(s) - n + 1)}
@@ -76,6 +82,15 @@ def test_char_shingles_match_plain_rule(docs):
         assert len(char_shingles(text, 5)) == len(ref_shingles(text))
     assert len(char_shingles("你好", 5)) == 1 and len(char_shingles("。。！ ", 5)) == 0
     assert (char_shingles(docs[0], 5) == char_shingles(docs[0].replace("，", ",  "), 5)).all()
+
+
+def test_word_shingles_are_rjieba_word_ngrams(docs):
+    rjieba = pytest.importorskip("rjieba", reason="needs the PyPI package rjieba")
+    from megatron_cmbert.data.dedup import word_shingles
+
+    for text in docs[:3]:
+        words = rjieba.cut(ref_norm(text))
+        assert len(word_shingles(text, 3)) == len({tuple(words[i: i + 3]) for i in range(len(words) - 2)})
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,17 @@ import os
 import sys
 from typing import Optional
 
-from megatron_cmbert.data.dedup import (
-    SHINGLES,
-    DedupError,
-    DedupSettings,
-    build_stages,
-    check_work_dir,
-    output_name,
-)
+try:
+    from megatron_cmbert.data.dedup import (
+        SHINGLES,
+        DedupError,
+        DedupSettings,
+        build_stages,
+        check_work_dir,
+        output_name,
+    )
+except ImportError as exc:  # datatrove missing: one line, not a traceback
+    sys.exit(f"error: dedup runs on datatrove: pip install datatrove==0.10.1 ({exc})")
 from megatron_cmbert.data.jsonl import expand_inputs
 
 
