@@ -44,6 +44,9 @@ setup(
         "jieba>=0.42",
         "psutil",  # megatron-core's dist_checkpointing writer dies without it (and the save hangs)
         "tqdm",
+        # near-duplicate removal at corpus scale runs on datatrove's MinHash pipeline (tools/dedup_minhash.py);
+        # pinned because the pipeline steps are subclassed (megatron_cmbert/data/dedup.py)
+        "datatrove==0.10.1",
     ],
     extras_require={
         # Hugging Face export/import (tools/convert_to_hf.py, tools/convert_from_hf.py): ModernBERT needs
