@@ -206,3 +206,35 @@ def test_non_finite_loss_stops_or_skips(setup):
     assert res.returncode == 1 and "is not finite; stopping" in res.stderr and "Traceback" not in res.stderr
     records, _ = run(common + blowup + ["--skip-nan-steps"], root, "nan_skip")
     assert len(records) == 20 and any(r["skipped"] for r in records)
+
+
+def test_pppl_validation_metric_matches_the_saved_model(setup, tmp_path):
+    """--eval-pppl-lengths at TP=2 (sequence parallel) logs the PPPL that the saved weights give in one process
+    (our reference model, the same windows): the in-loop metric is the model's, not an artefact of sharding."""
+    import numpy as np
+
+    from megatron_cmbert.data.pretrain_data import TokenDataset, split_ranges
+    from megatron_cmbert.data.tokenizer import CLS_ID, MASK_ID, SEP_ID
+    from megatron_cmbert.eval.pppl import evaluate_lengths, model_nll_fn, stream_from_prefix
+    from megatron_cmbert.hf.load import read_checkpoint, reference_model
+
+    root, common = setup
+    args = dict(zip(common[::2], common[1::2]))
+    flags = common + ["--train-iters", "6", "--eval-interval", "6", "--eval-pppl-lengths", "32", "64",
+                      "--eval-pppl-max-units", "12", "--save", str(tmp_path / "ck"), "--save-interval", "6",
+                      "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    run(flags, root, "pppl", procs=2)
+    logged = [r for r in rows(root / "pppl.jsonl") if "valid_pppl_32" in r]
+    assert len(logged) == 1 and logged[0]["step"] == 6 and "valid_pppl_64" in logged[0]
+
+    ck = read_checkpoint(str(tmp_path / "ck"))
+    model = reference_model(ck.config, ck.state_dict)
+    prefix = args["--data-path"]
+    valid = split_ranges(args["--split"], len(TokenDataset(prefix, check=False).lengths))[1]
+    pool = stream_from_prefix(prefix, 2 * 64, doc_range=valid)
+    expected = evaluate_lengths(model_nll_fn(model), *pool, [32, 64], cls_id=CLS_ID, sep_id=SEP_ID,
+                                mask_id=MASK_ID, max_units=12, seed=int(args["--seed"]), bootstrap=0)
+    for result in expected:
+        got = logged[0][f"valid_pppl_{result.length}"]
+        assert np.isclose(got, result.pppl, rtol=1e-4), (result.length, got, result.pppl)
+        assert 1.0 < result.pppl < 5 * ck.config.vocab_size  # a real perplexity, not a placeholder

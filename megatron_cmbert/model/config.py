@@ -127,6 +127,13 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_kernel(self, op: str, backend: str) -> "ModelConfig":
+        """This config with `op` run by `backend` (one entry of kernel_overrides set, the others kept)."""
+        from megatron_cmbert.kernels.registry import parse_overrides
+
+        overrides = parse_overrides(self.kernel_overrides) | parse_overrides({op: backend})
+        return self.replace(kernel_overrides=",".join(f"{k}={v}" for k, v in overrides.items()))
+
 
 PRESETS: dict[str, ModelConfig] = {
     # 3 layers so layer 0 is global and 1, 2 are local; window 8 keeps the window test meaningful at

@@ -180,7 +180,8 @@ class ParallelConfig:
     """Linear layers: megatron-core local or Transformer Engine."""
     attention_backend: Optional[str] = field(default=None, metadata={
         "choices": ("auto", "reference", "flex", "flash_attn", "triton")})
-    """Attention kernel; default: $CMBERT_ATTN_BACKEND or auto."""
+    """Attention kernel: shorthand for `--kernel-overrides attention=NAME` (default: the model's kernel_backend,
+    else $CMBERT_KERNEL_BACKEND, else auto; docs/KERNELS.md)."""
 
     def __post_init__(self):
         _check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
@@ -296,6 +297,11 @@ class LoggingConfig:
     """Validation loss every N steps (0: never)."""
     eval_iters: int = 2
     """Global batches per validation."""
+    eval_pppl_lengths: Optional[list[int]] = field(default=None, metadata={"metavar": "N"})
+    """At each validation also the pseudo-perplexity of the first dataset's validation documents cut into
+    windows of these many tokens (e.g. 128 512 1024), logged as valid_pppl_N (docs/EVAL.md)."""
+    eval_pppl_max_units: int = 64
+    """Whole-word units scored per --eval-pppl-lengths length (each one masked copy in a packed forward)."""
     metrics_file: Optional[str] = field(default=None, metadata={"metavar": "FILE"})
     """JSON lines, one per logged step, keyed by step (a resumed run drops rows after its checkpoint)."""
     tensorboard_dir: Optional[str] = field(default=None, metadata={"metavar": "DIR"})
@@ -304,6 +310,9 @@ class LoggingConfig:
     def __post_init__(self):
         _check(self.log_interval >= 1, f"--log-interval must be >= 1, got {self.log_interval}")
         _check(self.eval_interval >= 0 and self.eval_iters >= 0, "--eval-interval and --eval-iters must be >= 0")
+        _check(all(n >= 4 for n in self.eval_pppl_lengths or ()) and self.eval_pppl_max_units >= 1,
+               "--eval-pppl-lengths must be >= 4 tokens ([CLS] + units + [SEP]) and --eval-pppl-max-units >= 1")
+        _check(not self.eval_pppl_lengths or self.eval_interval > 0, "--eval-pppl-lengths needs --eval-interval")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megatron_cmbert.data.masking import IGNORE_INDEX, MaskingConfig
 from megatron_cmbert.data.pretrain_data import MicroBatchSchedule, PretrainSamples, StepSchedule, step_loader
-from megatron_cmbert.data.tokenizer import MASK_ID, PAD_ID, load_tokenizer
+from megatron_cmbert.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, load_tokenizer
 from megatron_cmbert.training.checkpoint import Ranks, list_checkpoints, load_latest, save_checkpoint
 from megatron_cmbert.training.config import ConfigError, OptimizerConfig, TrainConfig, check_resume
 from megatron_cmbert.training.meter import ThroughputMeter
@@ -91,9 +91,11 @@ class Trainer:
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if par.tensor_model_parallel_size > 1 else None
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        if par.attention_backend not in (None, "auto"):  # --attention-backend: shorthand for one kernel override
+            model_config = model_config.with_kernel("attention", par.attention_backend)
+            self.config = model_config
         self.model = build_masked_lm(model_config, transformer_impl=par.transformer_impl,
                                      sequence_parallel=par.sequence_parallel).to(self.device)
-        self.model.set_attention_backend(par.attention_backend)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule.lr, self.tp_group)
         self.step = self.consumed_samples = self.tokens_seen = 0
         self.train_loss: Optional[float] = None
@@ -126,6 +128,38 @@ class Trainer:
                                                   log.eval_iters * gbs, masking, cache_dir=data.data_cache_path)
             except ValueError as exc:
                 self._print(f"note: no validation ({exc})")
+        self.pppl_pool = self._pppl_pool() if log.eval_pppl_lengths else None
+
+    def _pppl_pool(self):
+        """(tokens, word-start flags) of the first dataset's validation documents, enough for the longest
+        --eval-pppl-lengths window twice; None (with a note) when that split is empty."""
+        from megatron_cmbert.data.pretrain_data import TokenDataset, parse_data_path, split_ranges
+        from megatron_cmbert.eval.pppl import PPPLError, stream_from_prefix
+
+        data = self.cfg.data
+        prefix = parse_data_path(data.data_path)[1][0]
+        valid = split_ranges(data.split, len(TokenDataset(prefix, check=False).lengths))[1]
+        try:
+            return stream_from_prefix(prefix, 2 * max(self.cfg.logging.eval_pppl_lengths), doc_range=valid)
+        except PPPLError as exc:
+            self._print(f"note: no pseudo-perplexity ({exc})")
+            return None
+
+    @torch.no_grad()
+    def evaluate_pppl(self) -> dict:
+        """{"valid_pppl_N": PPPL} per --eval-pppl-lengths N. Every rank runs the same windows (tensor
+        parallelism needs that; data-parallel replicas repeat the work, which is small by design)."""
+        from megatron_cmbert.eval.pppl import evaluate_lengths, model_nll_fn
+
+        if self.pppl_pool is None:
+            return {}
+        self.model.eval()
+        par, log = self.cfg.parallel, self.cfg.logging
+        results = evaluate_lengths(model_nll_fn(self.model), *self.pppl_pool, log.eval_pppl_lengths,
+                                   cls_id=CLS_ID, sep_id=SEP_ID, mask_id=MASK_ID, max_units=log.eval_pppl_max_units,
+                                   seed=self.cfg.seed, bootstrap=0, device=self.device,
+                                   pad_to_multiple_of=par.tensor_model_parallel_size if par.sequence_parallel else 1)
+        return {f"valid_pppl_{r.length}": r.pppl for r in results}
 
     def _print(self, text: str, file=None) -> None:
         if self.ranks.rank == 0:
@@ -333,9 +367,13 @@ class Trainer:
 
     def _evaluate_and_log(self) -> None:
         val = self.evaluate()
-        if val is not None:
-            self.valid_loss = val
-            self.metrics.log({"step": self.step, "valid_loss": val}, f"step {self.step:>7d} | valid loss {val:.4f}")
+        pppl = self.evaluate_pppl()
+        if val is not None or pppl:
+            self.valid_loss = val if val is not None else self.valid_loss
+            row = {"step": self.step, **({"valid_loss": val} if val is not None else {}), **pppl}
+            text = " | ".join([f"step {self.step:>7d}"] + ([f"valid loss {val:.4f}"] if val is not None else [])
+                              + [f"pppl@{k.rsplit('_', 1)[1]} {v:.2f}" for k, v in pppl.items()])
+            self.metrics.log(row, text)
 
     def _format(self, r: dict) -> str:
         text = (f"step {r['step']:>7d} | loss {r['loss']:.4f} | acc {r['accuracy']:.4f} | lr {r['lr']:.3e} | "
