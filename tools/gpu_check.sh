@@ -5,6 +5,9 @@
 #   2. the attention benchmark (bf16, 64k tokens; 8k cases first)               <= 150 s
 #   3. the RoPE / GeGLU / RMSNorm benchmark (bf16, 64k tokens)                  <=  90 s
 #   4. the attention launch-settings sweep at S=8192 (which defaults to keep)   <=  60 s
+#   5. the paper's Table 4/5 protocol: the large preset (random weights; speed does not depend on them), bf16,
+#      <=8,192 chars at batch 8 and <=512 at batch 32, 10 timed runs, on the bundled demo corpus with a 32k
+#      tokenizer trained on it first; one row per attention backend                <= 150 s
 # Run from the repo root on the device machine:   bash tools/gpu_check.sh
 # Outputs go under $OUT when set: device.txt, tests.log, bench_*.log, bench_*.csv (rows are written as they
 # are timed, to *.csv.partial until a step completes), sweep.log, sweep.csv.
@@ -49,6 +52,16 @@ timeout 60 "$PY" tools/bench_kernels.py --tokens 65536 --ops none --attention-sw
     2>&1 | grep -E "sweep|device" | tee "$OUT_DIR/sweep.log"
 sweep_rc=${PIPESTATUS[0]}
 
-echo "== done: tests rc=$tests_rc, attention rc=$attention_rc, elementwise rc=$elementwise_rc, sweep rc=$sweep_rc" \
+echo "== 5. Table 4/5 protocol (large preset, bf16)"
+TPUT_TOK="$OUT_DIR/tok32k"
+timeout 150 bash -c "\"$PY\" tools/train_tokenizer.py --input examples/data/demo_corpus.jsonl --vocab-size 32000 \
+    --pad-vocab --output-dir '$TPUT_TOK' > '$OUT_DIR/throughput_tokenizer.log' 2>&1 && \
+  \"$PY\" tools/bench_throughput.py --preset large --tokenizer '$TPUT_TOK' --input examples/data/demo_corpus.jsonl \
+    --attention-backend flex triton --output-json '$OUT_DIR/throughput.json' --no-progress" 2>&1 \
+    | tee "$OUT_DIR/throughput.log"
+throughput_rc=${PIPESTATUS[0]}
+
+echo "== done: tests rc=$tests_rc, attention rc=$attention_rc, elementwise rc=$elementwise_rc, sweep rc=$sweep_rc," \
+    "throughput rc=$throughput_rc" \
     "(logs in $OUT_DIR; 124 = the step ran out of time)"
 exit $(( tests_rc != 0 || attention_rc != 0 || elementwise_rc != 0 ))
