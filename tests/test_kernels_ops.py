@@ -231,3 +231,17 @@ def test_model_built_with_triton_kernels_matches_reference_model():
 
 
 fresh_process_only(globals(), __file__)
+
+
+def test_rope_tables_made_under_inference_mode_still_train():
+    """The cached RoPE frequencies are saved for backward; a first call under inference_mode (a throughput
+    benchmark earlier in the same process) must not leave an inference tensor in the cache."""
+    from megatron_cmbert.kernels.rope_triton import rope_triton
+
+    theta = 12_345.0  # a value no other test caches
+    with torch.inference_mode():
+        inverse_frequencies(theta, 16, str(DEVICE))
+    q = torch.randn(5, 2, 16, device=DEVICE, requires_grad=True)
+    qr, kr = rope_triton(q, q.detach().clone(), torch.arange(5, device=DEVICE), theta)  # saves them for backward
+    qr.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

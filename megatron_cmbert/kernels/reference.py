@@ -12,8 +12,11 @@ import torch.nn.functional as F
 # ---- RoPE -------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
 def inverse_frequencies(theta: float, head_dim: int, device: str) -> torch.Tensor:
-    """fp32 (head_dim / 2,) 1 / theta^(2i/d), as HF ModernBERT's rotary embedding computes them."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    """fp32 (head_dim / 2,) 1 / theta^(2i/d), as HF ModernBERT's rotary embedding computes them.
+    Made outside inference mode: the cached tensor is later saved for backward, which an inference tensor
+    (first call under torch.inference_mode, e.g. a throughput benchmark) cannot be."""
+    with torch.inference_mode(False):
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
