@@ -12,6 +12,14 @@ PREFIX_K_document.meta.json recording the tokenizer (sha256 of tokenizer.json, s
 and token counts and the largest token id, so that training can refuse a dataset built with another
 tokenizer. Output is byte-identical for any --workers. Bad lines are skipped and counted (or stop the
 run with --strict). Files appear under their final names only after success.
+
+A corpus of thousands of files is processed as K shards, one job each (a Slurm array:
+examples/slurm_preprocess.sbatch), then merged:
+    python tools/preprocess_data.py --input-list files.txt ... --output-prefix data/corpus --shards 64 --shard-index $i
+        # -> data/corpus_shard00003-of-00064_text_document.* : shard i takes the i-th contiguous block of the
+        #    input list (in the order given, each glob sorted), so the shards in index order are the inputs in order
+    python tools/merge_datasets.py --input 'data/corpus_shard*-of-00064_text_document' --output data/corpus_text_document
+        # byte-identical to one run over all the inputs
 """
 from __future__ import annotations
 
@@ -37,7 +45,10 @@ import numpy as np
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.gz files or globs, read in order")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="jsonl / jsonl.gz files or globs, read in order")
+    src.add_argument("--input-list", metavar="FILE",
+                     help="a text file naming the inputs, one file or glob per line (# comments, blank lines skipped)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="fields to index, one dataset each (default: text)")
     p.add_argument("--tokenizer-model", required=True, help="directory written by tools/train_tokenizer.py")
     p.add_argument("--output-prefix", required=True, help="path prefix of the output files")
@@ -50,7 +61,37 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="characters per unit of work sent to a worker (default: 1,000,000)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    p.add_argument("--shards", type=int, default=1, help="split the input list into K contiguous blocks (default 1)")
+    p.add_argument("--shard-index", type=int, default=0,
+                   help="which block this run processes (0-based; e.g. $SLURM_ARRAY_TASK_ID); output goes to "
+                        "PREFIX_shardIIIII-of-KKKKK_KEY_document, for tools/merge_datasets.py")
+    args = p.parse_args(argv)
+    if args.shards < 1 or not 0 <= args.shard_index < args.shards:
+        p.error(f"--shard-index must be in 0..{args.shards - 1} for --shards {args.shards}, got {args.shard_index}")
+    return args
+
+
+def input_patterns(args: argparse.Namespace) -> list[str]:
+    if args.input:
+        return args.input
+    try:
+        with open(args.input_list, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh]
+    except OSError as exc:
+        raise SystemExit(f"error: --input-list {args.input_list}: {exc.strerror}") from None
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    if not patterns:
+        raise SystemExit(f"error: --input-list {args.input_list}: names no input file")
+    return patterns
+
+
+def shard_paths(paths: list[str], shards: int, index: int) -> list[str]:
+    """The index-th of `shards` contiguous, near-equal blocks of the input list (every file in exactly one)."""
+    return paths[index * len(paths) // shards:(index + 1) * len(paths) // shards]
+
+
+def shard_prefix(prefix: str, shards: int, index: int) -> str:
+    return prefix if shards == 1 else f"{prefix}_shard{index:05d}-of-{shards:05d}"
 
 
 class _Terminated(Exception):
@@ -116,15 +157,23 @@ def _ordered_map(chunks, workers: int, init_args: tuple) -> Iterator[tuple[str, 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from --workers
-    paths = expand_inputs(args.input)
+    try:
+        all_paths = expand_inputs(input_patterns(args))
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    paths = shard_paths(all_paths, args.shards, args.shard_index)
+    if not paths:
+        raise SystemExit(f"error: shard {args.shard_index} of {args.shards} gets no input file (only "
+                         f"{len(all_paths)} files): use --shards {len(all_paths)} or fewer")
+    output_prefix = shard_prefix(args.output_prefix, args.shards, args.shard_index)
     vocab_size = load_tokenizer(args.tokenizer_model).get_vocab_size()
     tokenizer = {**tokenizer_fingerprint(args.tokenizer_model), "path": os.path.abspath(args.tokenizer_model)}
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
 
     writers = {}
     for key in args.json_keys:
-        base = f"{args.output_prefix}_{key}_document"
+        base = f"{output_prefix}_{key}_document"
         writers[key] = (IndexedDatasetWriter(base, token_dtype(vocab_size)),
                         IndexedDatasetWriter(base + "_wordstart", np.uint8))
     all_writers = [w for pair in writers.values() for w in pair]

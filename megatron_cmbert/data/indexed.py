@@ -25,6 +25,29 @@ DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
 _CHUNK = 1 << 20  # elements per streamed block when writing the index
 
 
+_COPY_BYTES = 64 << 20  # block size when merging data files
+
+
+class IndexFormatError(ValueError):
+    """A file that is not a dataset this package writes (one sequence per document), named with the reason."""
+
+
+def read_index_header(path: str) -> tuple[np.dtype, int]:
+    """(token dtype, number of documents) of a Megatron ``.idx`` written with one sequence per document."""
+    codes = {code: np.dtype(t) for t, code in DTYPE_CODES.items()}
+    with open(path, "rb") as fh:
+        head = fh.read(len(INDEX_HEADER) + 25)
+    if len(head) < len(INDEX_HEADER) + 25 or not head.startswith(INDEX_HEADER):
+        raise IndexFormatError(f"{path}: not a Megatron indexed-dataset index")
+    version, code, sequences, documents = struct.unpack("<QBQQ", head[len(INDEX_HEADER):])
+    if version != 1 or code not in codes:
+        raise IndexFormatError(f"{path}: unsupported index version {version} or dtype code {code}")
+    if documents != sequences + 1:
+        raise IndexFormatError(f"{path}: {sequences} sequences in {documents - 1} documents; only datasets with "
+                               f"one sequence per document (tools/preprocess_data.py) can be merged")
+    return codes[code], sequences
+
+
 def token_dtype(vocab_size: int) -> type:
     """Smallest dtype for token ids, as Megatron chooses it (uint16 below 65,500 entries)."""
     return np.uint16 if vocab_size < 65500 else np.int32
@@ -62,6 +85,35 @@ class IndexedDatasetWriter:
         if values.size:
             top = int(values.max())
             self.max_value = top if self.max_value is None else max(self.max_value, top)
+
+    def append_dataset(self, prefix: str, progress=None) -> None:
+        """Append every document of the finished dataset at ``prefix`` (``.bin``/``.idx``), streaming: the
+        data file is copied in blocks and the lengths are read from its index, so nothing proportional to
+        the dataset is held. The result is the bytes a single run over both inputs would have written."""
+        dtype, n = read_index_header(prefix + ".idx")
+        if dtype != self.dtype:
+            raise IndexFormatError(f"{prefix}.idx: token dtype {dtype}, but the merge writes {self.dtype} "
+                                   f"(datasets built with tokenizers of different sizes?)")
+        header = len(INDEX_HEADER) + 8 + 1 + 8 + 8
+        lengths = np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=header, shape=(n,)) if n else \
+            np.zeros(0, np.int32)
+        total = 0
+        for lo in range(0, n, _CHUNK):
+            block = np.asarray(lengths[lo:lo + _CHUNK])
+            total += int(block.sum(dtype=np.int64))
+            self._lengths.write(block.tobytes())
+        del lengths
+        expected = total * self.dtype.itemsize
+        if os.path.getsize(prefix + ".bin") != expected:
+            raise IndexFormatError(f"{prefix}.bin: {os.path.getsize(prefix + '.bin')} bytes, but its index "
+                                   f"describes {expected} (an incomplete or mismatched pair)")
+        with open(prefix + ".bin", "rb") as src:
+            while block := src.read(_COPY_BYTES):
+                self._bin.write(block)
+                if progress is not None:
+                    progress.update(len(block))
+        self.num_documents += n
+        self.num_elements += total
 
     def write_meta(self, meta: dict) -> None:
         """Write the sidecar ``<prefix>.meta.json`` under a temporary name; commit_all moves it in place
