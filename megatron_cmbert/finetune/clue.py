@@ -29,25 +29,30 @@ class Example:
     label: str
 
 
-def read_examples(path: str, fields: tuple[str, ...], label_field: str = "label") -> list[Example]:
-    """Examples of a CLUE jsonl file: fields = ("sentence",) or ("sentence1", "sentence2")."""
-    out = []
+def jsonl_rows(path: str):
+    """(line number, object) of each non-blank line of a jsonl file; ClueDataError names a malformed line."""
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield number, json.loads(line)
             except ValueError as exc:
                 raise ClueDataError(f"{path}:{number}: malformed JSON ({exc})") from None
-            missing = [f for f in (*fields, label_field) if f not in row]
-            if missing:
-                raise ClueDataError(f"{path}:{number}: no field {', '.join(map(repr, missing))} "
-                                    f"(fields here: {', '.join(sorted(row))})")
-            texts = [row[f] for f in fields]
-            if not all(isinstance(t, str) and t.strip() for t in texts):
-                raise ClueDataError(f"{path}:{number}: empty or non-string text")
-            out.append(Example(texts[0], texts[1] if len(texts) > 1 else None, str(row[label_field])))
+
+
+def read_examples(path: str, fields: tuple[str, ...], label_field: str = "label") -> list[Example]:
+    """Examples of a CLUE jsonl file: fields = ("sentence",) or ("sentence1", "sentence2")."""
+    out = []
+    for number, row in jsonl_rows(path):
+        missing = [f for f in (*fields, label_field) if f not in row]
+        if missing:
+            raise ClueDataError(f"{path}:{number}: no field {', '.join(map(repr, missing))} "
+                                f"(fields here: {', '.join(sorted(row))})")
+        texts = [row[f] for f in fields]
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ClueDataError(f"{path}:{number}: empty or non-string text")
+        out.append(Example(texts[0], texts[1] if len(texts) > 1 else None, str(row[label_field])))
     if not out:
         raise ClueDataError(f"{path}: no examples")
     return out

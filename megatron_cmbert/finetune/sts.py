@@ -7,7 +7,6 @@ being j = i. Evaluation: Pearson and Spearman correlation between cosine similar
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 
@@ -15,29 +14,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megatron_cmbert.finetune.clue import ClueDataError, linear_warmup_decay
+from megatron_cmbert.finetune.clue import ClueDataError, jsonl_rows, linear_warmup_decay
 
 
 def read_pairs(path: str, first: str, second: str, score: str | None = None, positives_only: bool = False):
     """[(text_a, text_b)] or, with `score`, [(text_a, text_b, float score)] from a jsonl file; positives_only
     keeps SimCLUE rows whose label is 1 (or that have no label)."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                a, b = row[first], row[second]
-                value = float(row[score]) if score else None
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ClueDataError(f"{path}:{number}: needs fields {first!r}, {second!r}"
-                                    f"{f', {score!r} (a number)' if score else ''} ({type(exc).__name__}: {exc})") from None
-            if not (isinstance(a, str) and isinstance(b, str) and a.strip() and b.strip()):
-                raise ClueDataError(f"{path}:{number}: empty or non-string text")
-            if positives_only and str(row.get("label", "1")) not in ("1", "1.0"):
-                continue
-            rows.append((a, b, value) if score else (a, b))
+    for number, row in jsonl_rows(path):
+        try:
+            a, b = row[first], row[second]
+            value = float(row[score]) if score else None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ClueDataError(f"{path}:{number}: needs fields {first!r}, {second!r}"
+                                f"{f', {score!r} (a number)' if score else ''} ({type(exc).__name__}: {exc})") from None
+        if not (isinstance(a, str) and isinstance(b, str) and a.strip() and b.strip()):
+            raise ClueDataError(f"{path}:{number}: empty or non-string text")
+        if positives_only and str(row.get("label", "1")) not in ("1", "1.0"):
+            continue
+        rows.append((a, b, value) if score else (a, b))
     if not rows:
         raise ClueDataError(f"{path}: no usable pairs")
     return rows
