@@ -6,7 +6,7 @@ import json
 import pytest
 
 from eval_checkpoint import tiny_checkpoint
-from megatron_cmbert.finetune.clue import accuracy_and_macro_f1, linear_warmup_decay
+from megatron_cmbert.finetune.clue import accuracy_and_macro_f1, linear_warmup_decay, pool
 from tools import finetune_clue
 
 pytestmark = pytest.mark.timeout(300)
@@ -18,6 +18,18 @@ def test_metrics_against_hand_counts():
     acc, f1 = accuracy_and_macro_f1([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], 3)
     assert acc == pytest.approx(0.6) and f1 == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     assert [round(linear_warmup_decay(s, 10, 2), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_pooling_against_a_loop_over_sequences():
+    import torch
+    hidden = torch.randn(9, 5, dtype=torch.float64)
+    cu = torch.tensor([0, 2, 7, 9], dtype=torch.int32)
+    spans = [(0, 2), (2, 7), (7, 9)]
+    assert torch.equal(pool(hidden, cu, "cls"), torch.stack([hidden[a] for a, _ in spans]))
+    expected = torch.stack([hidden[a:b].sum(0) / (b - a) for a, b in spans])
+    torch.testing.assert_close(pool(hidden, cu, "mean"), expected)
+    with pytest.raises(ValueError, match="pooling"):
+        pool(hidden, cu, "max")
 
 
 def write(path, rows):
@@ -41,23 +53,23 @@ def checkpoint(tmp_path_factory, tokenizer_dir):
     return str(tiny_checkpoint(tmp_path_factory.mktemp("ck"), tokenizer_dir, seq_length=64)[0])
 
 
-@pytest.mark.parametrize("task", ["single", "pair"])
-def test_a_tiny_model_learns_a_separable_task(checkpoint, tmp_path, task):
+@pytest.mark.parametrize("task,pooling", [("single", "cls"), ("pair", "cls"), ("single", "mean")])
+def test_a_tiny_model_learns_a_separable_task(checkpoint, tmp_path, task, pooling):
     pair = task == "pair"
     train = write(tmp_path / "train.jsonl", separable(96, pair))
     dev = write(tmp_path / "dev.jsonl", separable(40, pair, offset=1))
     out = tmp_path / "run"
     assert finetune_clue.main(["--load", checkpoint, "--task", task, "--train", train, "--dev", dev,
                                "--output-dir", str(out), "--epochs", "4", "--lr", "3e-3", "--batch-size", "8",
-                               "--max-length", "32", "--no-progress"]) == 0
+                               "--max-length", "32", "--pooling", pooling, "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["labels"] == ["a", "b"] and results["dev_examples"] == 40
+    assert results["labels"] == ["a", "b"] and results["dev_examples"] == 40 and results["pooling"] == pooling
     assert results["dev_accuracy"] >= 0.9, results["runs"]
     preds = [json.loads(line) for line in (out / "dev_predictions.jsonl").read_text().splitlines()]
     agree = sum(p["label"] == p["prediction"] for p in preds) / len(preds)
     assert agree == pytest.approx(results["dev_accuracy"])  # the predictions file is the scored one
     saved = __import__("torch").load(out / "best_model.pt", weights_only=False)
-    assert saved["labels"] == ["a", "b"] and "head.weight" in saved["state_dict"]
+    assert saved["labels"] == ["a", "b"] and "head.weight" in saved["state_dict"] and saved["pooling"] == pooling
 
 
 def test_bad_data_is_named(checkpoint, tmp_path, capsys):

@@ -12,7 +12,7 @@ batch 32 (--batch-sweep tries 16, 32 and 64 and keeps the best on dev). The clas
 the [CLS] hidden state; our checkpoints run packed varlen batches, HF encoders padded ones. After each epoch
 the dev set is scored; the best epoch (of the best batch size) is kept. Writes to --output-dir: results.json
 (dev accuracy and macro-F1 per epoch and batch size, the machine), dev_predictions.jsonl, and
-best_model.pt (the classifier's state dict, label names and the encoder it came from), each by rename.
+best_model.pt (the classifier's state dict, label names, pooling and the encoder it came from), each by rename.
 """
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="default 32")
     p.add_argument("--batch-sweep", action="store_true", help="try batch 16, 32 and 64; keep the best on dev")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps in warmup (default 0.1)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                   help="sentence vector for the head: the [CLS] token (default) or the mean over the tokens, as "
+                        "HF ModernBERT's classifier_pooling")
     p.add_argument("--max-length", type=int, default=512, help="tokens per example, [CLS]/[SEP] included (default 512)")
     p.add_argument("--max-train", type=int, default=None, help="use the first N training examples (quick runs)")
     p.add_argument("--random-init", action="store_true", help="same architecture and tokenizer, random weights")
@@ -80,7 +83,8 @@ def run(args) -> dict:
         bar = tqdm(total=steps, desc=f"batch {size}", disable=args.no_progress or None, dynamic_ncols=True)
         result = finetune(encoder, encode(train), [label_id[e.label] for e in train], encode(dev),
                           [label_id[e.label] for e in dev], len(labels), epochs=args.epochs, lr=args.lr,
-                          batch_size=size, warmup_ratio=args.warmup_ratio, seed=args.seed, progress=bar)
+                          batch_size=size, warmup_ratio=args.warmup_ratio, seed=args.seed, pooling=args.pooling,
+                          progress=bar)
         bar.close()
         print(f"batch {size}: best dev accuracy {result.dev_accuracy:.4f} (macro-F1 {result.dev_macro_f1:.4f}) "
               f"at epoch {result.best_epoch}")
@@ -91,8 +95,9 @@ def run(args) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     summary = {"encoder": loaded.name, "random_init": args.random_init, "task": args.task, "fields": list(fields),
                "labels": labels, "train_examples": len(train), "dev_examples": len(dev), "seed": args.seed,
-               "lr": args.lr, "best_batch_size": best.batch_size, "dev_accuracy": best.dev_accuracy,
-               "dev_macro_f1": best.dev_macro_f1, "runs": runs, "machine": machine(args.device)}
+               "lr": args.lr, "pooling": args.pooling, "best_batch_size": best.batch_size,
+               "dev_accuracy": best.dev_accuracy, "dev_macro_f1": best.dev_macro_f1, "runs": runs,
+               "machine": machine(args.device)}
     write_json(summary, os.path.join(args.output_dir, "results.json"))
 
     def predictions(tmp):
@@ -103,7 +108,7 @@ def run(args) -> dict:
     write_atomic(os.path.join(args.output_dir, "dev_predictions.jsonl"), predictions)
     write_atomic(os.path.join(args.output_dir, "best_model.pt"), lambda tmp: torch.save(
         {"state_dict": best.state, "labels": labels, "encoder": loaded.name, "kind": loaded.kind,
-         "random_init": args.random_init, "task": args.task, "fields": list(fields)}, tmp))
+         "random_init": args.random_init, "task": args.task, "fields": list(fields), "pooling": args.pooling}, tmp))
     print(f"dev accuracy {best.dev_accuracy:.4f}, macro-F1 {best.dev_macro_f1:.4f} (batch {best.batch_size}); "
           f"wrote {args.output_dir}/results.json, dev_predictions.jsonl, best_model.pt")
     return summary

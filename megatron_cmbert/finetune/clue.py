@@ -72,10 +72,29 @@ def accuracy_and_macro_f1(gold: list[int], pred: list[int], num_labels: int) -> 
     return float((gold_a == pred_a).mean()), float(np.mean(f1s)) if f1s else 0.0
 
 
+POOLINGS = ("cls", "mean")
+
+
+def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per packed sequence: its first token ([CLS]) or the mean over its tokens."""
+    if pooling == "cls":
+        return hidden[cu_seqlens[:-1].long()]
+    if pooling != "mean":
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+    sums = torch.zeros(len(lengths), hidden.shape[-1], device=hidden.device, dtype=torch.float32)
+    sums.index_add_(0, segment, hidden.float())
+    return (sums / lengths.unsqueeze(-1)).to(hidden.dtype)
+
+
 class Classifier(torch.nn.Module):
-    def __init__(self, encoder, num_labels: int, dropout: float = 0.1):
+    def __init__(self, encoder, num_labels: int, dropout: float = 0.1, pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
+        self.pooling = pooling
         self.body = encoder.backbone  # registered, so parameters() and state_dict() include it
         self.dropout = torch.nn.Dropout(dropout)
         dtype = next(encoder.backbone.parameters()).dtype
@@ -83,8 +102,7 @@ class Classifier(torch.nn.Module):
 
     def forward(self, seqs: list[list[int]]) -> torch.Tensor:
         hidden, cu_seqlens = self.encoder.hidden_states(seqs)
-        cls = hidden[cu_seqlens[:-1].long()]  # each sequence's first token, [CLS]
-        return self.head(self.dropout(cls)).float()
+        return self.head(self.dropout(pool(hidden, cu_seqlens, self.pooling))).float()
 
 
 def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
@@ -107,10 +125,10 @@ class FinetuneResult:
 
 def finetune(encoder, train: list[list[int]], train_labels: list[int], dev: list[list[int]], dev_labels: list[int],
              num_labels: int, *, epochs: int = 3, lr: float = 3e-5, batch_size: int = 32, warmup_ratio: float = 0.1,
-             weight_decay: float = 0.01, seed: int = 0, progress=None) -> FinetuneResult:
-    """Train a [CLS] classifier; evaluate on dev after each epoch and keep the best epoch's weights."""
+             weight_decay: float = 0.01, seed: int = 0, pooling: str = "cls", progress=None) -> FinetuneResult:
+    """Train a classifier on the pooled output; evaluate on dev after each epoch, keep the best epoch's weights."""
     torch.manual_seed(seed)
-    model = Classifier(encoder, num_labels)
+    model = Classifier(encoder, num_labels, pooling=pooling)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
