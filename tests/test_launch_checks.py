@@ -54,11 +54,9 @@ def refused(argv, capsys, monkeypatch, world=None, rank=None) -> str:
         pretrain.main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    if rank not in (None, 0):
-        assert err == ""
-        return err
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    prefix = "error: " if rank in (None, 0) else f"error (rank {rank}): "
+    assert len(lines) == 1 and lines[0].startswith(prefix), err
     return lines[0]
 
 
@@ -118,9 +116,17 @@ def test_unknown_or_missing_flags(setup, capsys, monkeypatch):
     assert "required: --tokenizer-model" in refused(["--train-iters", "5"], capsys, monkeypatch)
 
 
-def test_other_ranks_print_nothing(setup, capsys, monkeypatch):
+def test_other_ranks_wait_then_report_with_their_rank(setup, capsys, monkeypatch):
+    """Rank 0 speaks first: another rank sleeps the grace period (torchrun ends it there when rank 0 failed
+    too), then names itself, so a failure of that rank alone is not lost."""
     _, common, _ = setup
-    refused(with_flag(common, "--micro-batch-size", "4"), capsys, monkeypatch, world=4, rank=1)
+    slept = []
+    monkeypatch.setattr(pretrain.time, "sleep", slept.append)
+    line = refused(with_flag(common, "--micro-batch-size", "4"), capsys, monkeypatch, world=4, rank=1)
+    assert slept == [pretrain.OTHER_RANK_GRACE_S] and "--micro-batch-size" in line
+    with pytest.raises(SystemExit):
+        pretrain._fail(ValueError("cannot read\n  /data/x on this node"), rank=3, status=2)
+    assert capsys.readouterr().err == "error (rank 3): cannot read /data/x on this node\n"
 
 
 def test_load_needs_a_checkpoint(setup, capsys, monkeypatch):
@@ -178,7 +184,8 @@ def test_load_into_another_model_shape_is_refused(setup, saved_run, capsys, monk
 
 def test_one_line_from_a_fresh_process_and_from_torchrun(setup, news_prefix, tmp_path):
     """The same, seen from outside: a plain launch, and two ranks under torchrun (torchrun adds its own
-    failure report around the workers' output; the rank-0 line appears once, rank 1 is silent)."""
+    failure report around the workers' output; the rank-0 line appears once, rank 1 is ended by torchrun
+    during its grace period before it reports)."""
     _, common, _ = setup
     argv = with_flag(common, "--data-path", news_prefix[: -len("_text_document")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -192,6 +199,8 @@ def test_one_line_from_a_fresh_process_and_from_torchrun(setup, news_prefix, tmp
                           PRETRAIN, *argv], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert res.returncode != 0
     assert (res.stdout + res.stderr).count("error: ") == 1 and "did you mean" in res.stderr
+    assert "error (rank 1)" not in res.stderr
+
 
 
 @pytest.mark.slow

@@ -236,7 +236,10 @@ def test_interrupted_build_leaves_no_complete_looking_output(tmp_path, tokenizer
            "--tokenizer-model", tokenizer_dir, "--output-prefix", str(prefix), "--quiet",
            "--chunk-chars", "200000", "--workers", str(workers)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # A test run started in the background (`pytest ... &`) inherits SIGINT ignored, and Python keeps it so:
+    # give the tool the disposition an interactive Ctrl-C would meet.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     partial = str(prefix) + "_text_document.bin.partial-"
     while time.time() < deadline:  # wait until data is being written, then interrupt

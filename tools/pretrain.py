@@ -18,8 +18,9 @@ Stopping: SIGTERM or Ctrl-C (SIGINT) makes every rank finish its step, save (wit
 printing the command that resumes; --exit-duration-in-mins does the same before a wall-clock limit.
 
 Mistakes in the flags, the data or the checkpoint directories are found before any process group is set
-up and reported as one line `error: ...` (rank 0 only) with exit status 2; --check-only runs just those
-checks (WORLD_SIZE=N in the environment for N ranks). The configuration is a tree of
+up and reported as one line `error: ...` by rank 0 with exit status 2 (another rank waits 10 s, so that
+torchrun ends it once rank 0 has reported, then reports `error (rank N): ...` itself); --check-only runs
+just those checks (WORLD_SIZE=N in the environment for N ranks). The configuration is a tree of
 dataclasses (megatron_cmbert/training/config.py); every flag below is generated from one of its fields.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import time
 import warnings
 from typing import Optional
 
@@ -174,10 +176,20 @@ def resume_command(argv: list[str], save: str) -> str:
     return shlex.join(launcher + ["tools/pretrain.py"] + kept + ["--load", save])
 
 
+# How long a rank other than 0 waits before reporting its own failure. When every rank fails the same way,
+# rank 0's line is the one wanted, but torchrun stops all workers as soon as one exits: a rank 1 that
+# exited first could kill rank 0 before it printed (seen on a loaded machine). Waiting lets rank 0 report
+# and exit, and torchrun then ends this rank silently; a failure of this rank alone is still reported.
+OTHER_RANK_GRACE_S = 10.0
+
+
 def _fail(exc, rank: int, status: int) -> None:
+    message = " ".join(str(exc).split()) or type(exc).__name__
     if rank == 0:
-        message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(OTHER_RANK_GRACE_S)
+        print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
 
 
