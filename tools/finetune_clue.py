@@ -31,7 +31,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_encoder_args(p)
     p.add_argument("--task", choices=sorted(FIELDS), required=True,
-                   help="single: one sentence per example; pair: two (the field names follow CLUE; --fields changes them)")
+                   help="single: one sentence per example; pair: two (the field names follow CLUE; --fields "
+                        "changes them)")
     p.add_argument("--fields", nargs="+", default=None, help="text fields (default: sentence | sentence1 sentence2)")
     p.add_argument("--label-field", default="label", help="label field (default label)")
     p.add_argument("--train", required=True, help="training jsonl")
@@ -116,15 +117,11 @@ def run(args) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_cmbert.eval.encoders import EncoderError
+    from megatron_cmbert.eval.report import run_quietly
     from megatron_cmbert.finetune.clue import ClueDataError
 
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (EncoderError, ClueDataError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    errors = (EncoderError, ClueDataError, ValueError, OSError)
+    return 2 if run_quietly(run, parse_args(argv), errors) is None else 0
 
 
 if __name__ == "__main__":

@@ -117,16 +117,12 @@ def run(args) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_cmbert.eval.encoders import EncoderError
+    from megatron_cmbert.eval.report import run_quietly
     from megatron_cmbert.finetune.clue import ClueDataError
     from megatron_cmbert.hf.load import ConversionError
 
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (EncoderError, ClueDataError, ConversionError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    errors = (EncoderError, ClueDataError, ConversionError, OSError)
+    return 2 if run_quietly(run, parse_args(argv), errors) is None else 0
 
 
 if __name__ == "__main__":
