@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from megatron_cmbert.data.dataset_checks import META_SUFFIX
 from megatron_cmbert.data.indexed import IndexedDatasetWriter, IndexFormatError, commit_all, read_index_header
+from megatron_cmbert.errors import UserError
 
 WORDSTART = "_wordstart"
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """One line naming the input and what is wrong with it."""
 
 

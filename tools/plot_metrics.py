@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Optional
 
+from megatron_cmbert.errors import UserError
+
 PANELS = [  # (title, metric keys drawn in it, y log scale)
     ("loss", ("loss", "valid_loss"), False),
     ("MLM accuracy", ("accuracy",), False),
@@ -29,7 +31,7 @@ PANELS = [  # (title, metric keys drawn in it, y log scale)
 ]
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """A metrics file that cannot be read, with file:line."""
 
 

@@ -24,13 +24,14 @@ import struct
 import numpy as np
 
 from megatron_cmbert.data.indexed import DTYPE_CODES, INDEX_HEADER
+from megatron_cmbert.errors import UserError
 
 META_SUFFIX = ".meta.json"
 WORDSTART_SUFFIX = "_wordstart"
 _SCAN_CHUNK = 1 << 24  # token ids per block of the fallback scan: bounded memory on any corpus size
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """A dataset that cannot be used as given; the message names the path, the problem and a hint."""
 
 

@@ -39,12 +39,13 @@ from datatrove.utils.hashing import HashConfig
 from datatrove.utils.word_tokenizers import WhitespaceTokenizer
 
 from megatron_cmbert.data.jsonl import SkipCounter, get_text, iter_records
+from megatron_cmbert.errors import UserError
 
 SHINGLES = ("char", "word")
 _U = np.uint64
 
 
-class DedupError(ValueError):
+class DedupError(UserError, ValueError):
     """A dedup run cannot start (bad inputs, settings, or a work folder from other inputs)."""
 
 

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from megatron_cmbert.errors import UserError
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # Megatron's DType codes (megatron/core/datasets/indexed_dataset.py).
 DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
@@ -28,7 +30,7 @@ _CHUNK = 1 << 20  # elements per streamed block when writing the index
 _COPY_BYTES = 64 << 20  # block size when merging data files
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(UserError, ValueError):
     """A file that is not a dataset this package writes (one sequence per document), named with the reason."""
 
 

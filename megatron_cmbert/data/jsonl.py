@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
+from megatron_cmbert.errors import UserError
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 SKIP_REASONS = ("invalid_utf8", "malformed_json", "missing_key", "non_string", "empty_text")
 
@@ -35,7 +37,7 @@ class Record:
         return f"{self.path}:{self.lineno}"
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError, ValueError):
     """Raised in strict mode at the first bad line, naming file:line and the reason."""
 
 

@@ -43,13 +43,14 @@ import numpy as np
 
 from megatron_cmbert.data import helpers
 from megatron_cmbert.data.indexed import DTYPE_CODES, INDEX_HEADER
+from megatron_cmbert.errors import UserError
 
 FORMAT = 1        # bump when the meaning of a cached file changes
 CHUNK = 1 << 22   # documents packed per C++ call while streaming pieces to disk
 BUILDS = {"epoch": 0, "blend": 0, "check": 0}  # entries this process built (tests check reuse with it)
 
 
-class SampleCacheError(RuntimeError):
+class SampleCacheError(UserError, RuntimeError):
     """A cache entry cannot be built or read (one line naming the path)."""
 
 

@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from megatron_cmbert.errors import UserError
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
@@ -36,7 +38,7 @@ ALPHABET_SHARE = 0.5
 UNUSED_PREFIX = "[unused"
 
 
-class TokenizerSizeError(ValueError):
+class TokenizerSizeError(UserError, ValueError):
     """The requested vocabulary cannot be built as asked; the one-line message says what to pass."""
 
 

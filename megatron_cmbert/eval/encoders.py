@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
+from megatron_cmbert.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class EncoderError(RuntimeError):
+class EncoderError(UserError, RuntimeError):
     """A one-line reason an encoder cannot be loaded or used, naming the path; tools print `error: ...`."""
 
 

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from megatron_cmbert.model.padding import pack_sequences
+from megatron_cmbert.errors import UserError
 
 IGNORE_INDEX = -100
 UNITS = ("word", "token")
 
 
-class PPPLError(ValueError):
+class PPPLError(UserError, ValueError):
     """A one-line reason the evaluation cannot run (too little text, bad lengths); tools print it."""
 
 

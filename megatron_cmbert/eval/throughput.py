@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_cmbert.errors import UserError
+
 # The paper's own figures (one A100, bf16; docs/EVAL.md "The paper's figures"), matched to a model by name.
 PAPER_TABLE4 = {  # name: (tokens/s long bucket 8k x 8, short bucket 512 x 32); None = N/A
     "Chinese ModernBERT (ours)": (180_100, 172_046),
@@ -41,7 +43,7 @@ PAPER_BUCKETS = ((8192, 8), (512, 32))
 """(max characters, batch) of the long and the short bucket."""
 
 
-class ThroughputError(ValueError):
+class ThroughputError(UserError, ValueError):
     """A one-line reason the benchmark cannot run (no text, a bad input file); tools print it."""
 
 

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megatron_cmbert.errors import UserError
 
-class ClueDataError(ValueError):
+
+class ClueDataError(UserError, ValueError):
     """A data line that cannot be used, as file:line: reason."""
 
 

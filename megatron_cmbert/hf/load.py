@@ -16,9 +16,10 @@ import torch
 from megatron_cmbert.model.config import ModelConfig
 from megatron_cmbert.parallel.world import single_process_group
 from megatron_cmbert.training import checkpoint as ckpt
+from megatron_cmbert.errors import UserError
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     """A one-line reason a conversion cannot go on (bad input, failed check); tools print it and exit 1."""
 
 

@@ -21,6 +21,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from megatron_cmbert.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 OPS = ("attention", "rope", "geglu", "rms_norm")
@@ -29,7 +31,7 @@ SHARED_BACKENDS = ("reference", "triton")  # what kernel_backend may name: every
 NOT_VALIDATED = "not yet validated on a GPU (tools/gpu_check.sh); name it explicitly to use it"
 
 
-class KernelError(ValueError):
+class KernelError(UserError, ValueError):
     """An unknown op or backend name, or a backend that cannot run on the tensors it was given."""
 
 

@@ -34,13 +34,15 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_cmbert.errors import UserError
+
 LATEST = "latest_checkpointed_iteration.txt"
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file (FileSystemWriter's name for it)
 COMMON = "common.pt"        # megatron-core's non-sharded state (dist_checkpointing.strategies.common)
 _ITER = re.compile(r"iter_(\d+)")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message (one line) names the file and what is wrong."""
 
 

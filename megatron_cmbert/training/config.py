@@ -10,113 +10,28 @@
     ├── logging     LoggingConfig    intervals, metrics file, TensorBoard
     └── seed
 
-`add_dataclass_args` turns a dataclass into argparse flags: the flag is the field name with '-' for '_'
-(Megatron's names: --global-batch-size, --tensor-model-parallel-size), the help is the field's docstring,
-the type, choices and `nargs` come from the annotation and `field(metadata=...)`, a field without a default
-is required, a bool defaulting to False is `--name`, one defaulting to True is `--no-name`. Field names are
-unique across the tree, so a flat argparse namespace maps back onto it (`TrainConfig.from_namespace`).
+The flags are generated from the fields by megatron_cmbert/cli.py (`add_dataclass_args`: the flag is the
+field name with '-' for '_', the help its docstring); field names are unique across the tree, so a flat
+argparse namespace maps back onto it (`TrainConfig.from_namespace`).
 Validation lives in each `__post_init__`; its errors reach the caller as `ConfigError` (a ValueError).
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import os
-import textwrap
-import types
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Optional
 
+from megatron_cmbert.cli import add_dataclass_args, field_docs, flag_name, from_namespace
+from megatron_cmbert.errors import UserError
 from megatron_cmbert.model.config import NORMALIZATIONS, PRESETS, ModelConfig, get_preset
 from megatron_cmbert.training.schedules import ScheduleConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration mistake; the message is one line that names the flag and says what is wrong."""
-
-
-def field_docs(cls) -> dict[str, str]:
-    """{field: docstring} read from the class source: the string literal right after each annotated field
-    (the convention ModelConfig and ScheduleConfig follow)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):  # generated classes have no source; their help is in metadata
-            continue
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _unwrap_optional(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return tp
-
-
-def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_dataclass_args(parser, cls, title: Optional[str] = None, seen: Optional[set] = None):
-    """Add one flag per field of dataclass `cls` (nested dataclasses become their own argument groups)."""
-    seen = set() if seen is None else seen
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    group = parser.add_argument_group(title or getattr(cls, "TITLE", cls.__name__))
-    for f in fields(cls):
-        tp = _unwrap_optional(hints[f.name])
-        if dataclasses.is_dataclass(tp):
-            add_dataclass_args(parser, tp, None, seen)
-            continue
-        if f.name in seen:
-            raise TypeError(f"field {f.name} appears twice in the config tree; flags must be unique")
-        seen.add(f.name)
-        meta = f.metadata
-        help_text = meta.get("help") or docs.get(f.name, "")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        flags = [flag_name(f.name), *meta.get("aliases", ())]
-        kwargs: dict[str, Any] = {"dest": f.name}
-        if tp is bool:
-            if default:  # --no-name turns a default-on switch off
-                flags = ["--no-" + f.name.replace("_", "-")]
-                kwargs.update(action="store_false", default=True)
-            else:
-                kwargs.update(action="store_true", default=False)
-        else:
-            if typing.get_origin(tp) is list:
-                kwargs["nargs"] = "+"
-                tp = typing.get_args(tp)[0]
-            kwargs.update(type=tp, default=default, required=required)
-            if "choices" in meta:
-                kwargs["choices"] = meta["choices"]
-            if "metavar" in meta:
-                kwargs["metavar"] = meta["metavar"]
-            if not required and default is not None:
-                help_text += f" (default {default})"
-        group.add_argument(*flags, help=help_text.replace("%", "%%"), **kwargs)
-    return parser
-
-
-def from_namespace(cls, ns: argparse.Namespace):
-    """Build dataclass `cls` (recursively) from the flat namespace that add_dataclass_args produced."""
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in fields(cls):
-        tp = _unwrap_optional(hints[f.name])
-        values[f.name] = from_namespace(tp, ns) if dataclasses.is_dataclass(tp) else getattr(ns, f.name)
-    return cls(**values)
 
 
 def _check(condition: bool, message: str) -> None:

@@ -176,7 +176,7 @@ def apply_lr(optimizer, step: int, cfg: ScheduleConfig) -> float:
 
 def add_schedule_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The schedule flags shared by the trainer and tools/plot_schedules.py, generated from ScheduleConfig's
-    fields (names, defaults, docstrings as help) like every training flag (training/config.py)."""
-    from megatron_cmbert.training.config import add_dataclass_args  # config.py imports this module
+    fields (names, defaults, docstrings as help) like every training flag (megatron_cmbert/cli.py)."""
+    from megatron_cmbert.cli import add_dataclass_args
 
     return add_dataclass_args(parser, ScheduleConfig)

@@ -39,9 +39,10 @@ from megatron_cmbert.training.metrics import MetricsLog
 from megatron_cmbert.training.optimizer import StableAdamW, clip_grad_norm, param_groups
 from megatron_cmbert.training.preemption import StopSignal
 from megatron_cmbert.training.schedules import apply_lr, mask_rate_at
+from megatron_cmbert.errors import ToolFailure
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ToolFailure, RuntimeError):
     """A step's gradient norm is not finite (and --skip-nan-steps was not given)."""
 
 
