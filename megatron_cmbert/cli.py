@@ -18,7 +18,8 @@ worker once one exits, and rank 0's line is the one wanted) and then prints `err
 
 Flags from dataclasses (`add_dataclass_args`): the flag is the field name with '-' for '_' (Megatron's
 names: --global-batch-size), the help is the field's docstring (the string literal after it), type, choices
-and `nargs` come from the annotation and `field(metadata=...)` ("choices", "metavar", "aliases", "help"),
+and `nargs` come from the annotation and `field(metadata=...)` ("choices", "metavar", "aliases", "help";
+"add_arguments": a function(group, dest) adding the field's flags itself),
 a field without a default is required, a bool defaulting to False is `--name`, one defaulting to True is
 `--no-name`. Field names must be unique across a tree, so a flat namespace maps back (`from_namespace`).
 """
@@ -106,6 +107,9 @@ def add_dataclass_args(parser, cls, title: Optional[str] = None, seen: Optional[
         seen.add(f.name)
         meta = f.metadata
         help_text = meta.get("help") or docs.get(f.name, "")
+        if "add_arguments" in meta:  # a field whose flags need more than one spelling or a custom action
+            meta["add_arguments"](group, f.name)
+            continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         flags = [flag_name(f.name), *meta.get("aliases", ())]

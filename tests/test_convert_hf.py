@@ -58,8 +58,7 @@ def reference(ckpt):
     """Our model filled by the training code's loader (TorchSpec, reference attention)."""
     path = ckpt / sorted(p for p in os.listdir(ckpt) if p.startswith("iter_"))[-1]
     meta = json.load(open(path / "config.json"))
-    model = CMBertForMaskedLM(ModelConfig(**meta["model"])).eval()
-    model.set_attention_backend("reference")
+    model = CMBertForMaskedLM(ModelConfig.from_dict(meta["model"]).replace(kernels="reference")).eval()
     with single_process_group():
         load_checkpoint(str(path), model, None, Ranks(0, 1, 0, 0, 1))
     return model

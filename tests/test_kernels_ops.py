@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_cmbert.kernels.reference import geglu_reference, inverse_frequencies, rms_norm_reference, rope_reference
-from megatron_cmbert.kernels.registry import KernelError, KernelSet, parse_overrides, resolve
-from megatron_cmbert.model.layers import positions_from_cu_seqlens
+from megatron_cmbert.kernels.registry import KernelChoice, KernelError, KernelSet, resolve
+from megatron_cmbert.kernels.varlen import PackedLayout
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
 if MODE_OK:
@@ -60,7 +60,7 @@ def compare(fn_kernel, fn_reference, inputs, grad_seed=0, slack=None):
 def test_rope(dtype, head_dim, theta):
     lengths = [1, 7, 130, 257]
     cu = cu_seqlens_from_lengths(lengths, device=DEVICE)
-    positions = positions_from_cu_seqlens(cu, sum(lengths))
+    positions = PackedLayout.from_cu_seqlens(cu).positions
     qkv = torch.randn(sum(lengths), 3, 3, head_dim).to(DEVICE, dtype)  # the model's strided q, k views
     compare(lambda q, k: rope_triton(q, k, positions, theta), lambda q, k: rope_reference(q, k, positions, theta),
             [qkv[:, :, 0], qkv[:, :, 1]])
@@ -129,18 +129,21 @@ def test_rms_norm_model_shape_cuda():
 # ---- registry ------------------------------------------------------------------------------------------
 def test_registry_names_and_errors(monkeypatch):
     monkeypatch.delenv("CMBERT_KERNEL_BACKEND", raising=False)
-    assert KernelSet("reference", "attention=flex").names == {"attention": "flex", "rope": "reference",
-                                                               "geglu": "reference", "rms_norm": "reference"}
-    assert parse_overrides("attention=triton, rms_norm=reference") == {"attention": "triton", "rms_norm": "reference"}
-    with pytest.raises(KernelError, match="unknown kernel backend 'flex'"):
-        KernelSet("flex")  # attention-only: it belongs in the per-op overrides
+    assert KernelSet("reference,attention=flex").names == {"attention": "flex", "rope": "reference",
+                                                           "geglu": "reference", "rms_norm": "reference"}
+    assert KernelChoice.parse("attention=triton, rms_norm=reference") == KernelChoice(attention="triton",
+                                                                                      rms_norm="reference")
+    assert KernelChoice.from_legacy("reference", "attention=flex") == KernelChoice.parse("reference,attention=flex")
+    with pytest.raises(KernelError, match="'flex' is neither op=backend"):
+        KernelSet("flex")  # attention-only: it belongs in attention=flex
     with pytest.raises(KernelError, match="unknown geglu backend 'flex'"):
-        parse_overrides("geglu=flex")
-    with pytest.raises(KernelError, match="op=backend pairs"):
-        parse_overrides("attention")
-    monkeypatch.setenv("CMBERT_KERNEL_BACKEND", "reference")  # replaces a config's auto, not an explicit name
-    assert set(KernelSet().names.values()) == {"reference"}
-    assert set(KernelSet("triton").names.values()) == {"triton"}
+        KernelChoice.parse("geglu=flex")
+    with pytest.raises(KernelError, match="unknown op 'attn'"):
+        KernelChoice.parse("attn=flex")
+    monkeypatch.setenv("CMBERT_KERNEL_BACKEND", "reference")  # replaces auto, not an explicit name
+    cpu = torch.device("cpu")
+    assert set(KernelChoice().resolved(cpu, torch.float32).as_dict().values()) == {"reference"}
+    assert set(KernelChoice.parse("triton").resolved(cpu, torch.float32).as_dict().values()) == {"triton"}
 
 
 def test_triton_on_cpu_without_the_interpreter_says_why(monkeypatch):
@@ -176,15 +179,15 @@ def test_opcheck_custom_ops():
 
 
 def test_torch_compile_traces_all_kernels():
-    from megatron_cmbert.kernels.attention_triton import attention_triton
+    from megatron_cmbert.kernels import attention_triton
     lengths = [3, 20]
-    cu = cu_seqlens_from_lengths(lengths, device=DEVICE)
-    positions = positions_from_cu_seqlens(cu, 23)
+    layout = PackedLayout.from_lengths(lengths, DEVICE)
+    plan = attention_triton.plan(layout, (4, 4))  # plans are made outside compiled regions, as the model does
     w = torch.ones(32, device=DEVICE, requires_grad=True)
 
     def block(x):
-        q, k = rope_triton(x[..., :16], x[..., 16:], positions, 1e4)
-        h = attention_triton(q, k, q, cu, 20, window=(4, 4))
+        q, k = rope_triton(x[..., :16], x[..., 16:], layout.positions, 1e4)
+        h = attention_triton.attend(q, k, q, plan)
         return rms_norm_triton(geglu_triton(torch.cat([h, h], -1).flatten(1), True), w, 1e-5)
 
     x = torch.randn(23, 2, 32, device=DEVICE, requires_grad=True)
@@ -209,8 +212,8 @@ def test_model_built_with_triton_kernels_matches_reference_model():
     ids = torch.randint(0, 1000, (sum(lengths),), device=DEVICE)
     labels = ids.masked_fill(torch.rand(ids.shape, device=DEVICE) < 0.5, -100)
     cu = cu_seqlens_from_lengths(lengths, device=DEVICE)
-    reference = CMBertForMaskedLM(get_preset("tiny", num_layers=2, kernel_backend="reference")).to(DEVICE)
-    triton_model = CMBertForMaskedLM(get_preset("tiny", num_layers=2, kernel_backend="triton")).to(DEVICE)
+    reference = CMBertForMaskedLM(get_preset("tiny", num_layers=2, kernels="reference")).to(DEVICE)
+    triton_model = CMBertForMaskedLM(get_preset("tiny", num_layers=2, kernels="triton")).to(DEVICE)
     triton_model.load_state_dict(reference.state_dict())
 
     def loss_and_grads(model):
@@ -221,10 +224,10 @@ def test_model_built_with_triton_kernels_matches_reference_model():
     loss_t, grads_t = loss_and_grads(triton_model)
     loss_r, grads_r = loss_and_grads(reference)
     # the triton model really ran Triton for each op (the functions it resolved), the reference model did not
-    resolved = {key[0]: fn.__module__ for key, fn in triton_model.kernels._functions.items()}
+    resolved = {key[0]: entry.module for key, entry in triton_model.kernels._kernels.items()}
     assert resolved == {op: f"megatron_cmbert.kernels.{op}_triton" for op in ("attention", "rope", "geglu",
                                                                               "rms_norm")}
-    assert all("triton" not in fn.__module__ for fn in reference.kernels._functions.values())
+    assert all("triton" not in entry.module for entry in reference.kernels._kernels.values())
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-5)
     for gt, gr in zip(grads_t, grads_r):
         torch.testing.assert_close(gt, gr, rtol=1e-4, atol=1e-5)  # fp32, different summation orders

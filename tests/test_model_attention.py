@@ -7,7 +7,8 @@ import torch
 
 from megatron_cmbert.kernels.attention import BACKENDS, attention
 from megatron_cmbert.kernels.attention_reference import attention_reference
-from megatron_cmbert.kernels.registry import REGISTRY, KernelError, KernelSet
+from megatron_cmbert.kernels.registry import REGISTRY, KernelChoice, KernelError, KernelSet
+from megatron_cmbert.kernels.varlen import PackedLayout
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
 from dense_attention import dense_fp64
@@ -55,7 +56,9 @@ def test_flex_forward_on_cpu_matches_dense(window):
     pytest.importorskip("torch.nn.attention.flex_attention", reason="needs torch with FlexAttention")
     lengths = [5, 17, 1, 9]
     q, k, v = packed_qkv(lengths, head_dim=16)
-    out = REGISTRY["attention", "flex"].load()(q, k, v, cu_seqlens_from_lengths(lengths), 17, window=window)
+    entry = REGISTRY["attention", "flex"]
+    plan = entry.load_plan()(PackedLayout.from_lengths(lengths, max_seqlen=17), window)
+    out = entry.load()(q, k, v, plan)
     torch.testing.assert_close(out.double(), dense_fp64(q, k, v, lengths, window), atol=2e-6, rtol=0)
 
 
@@ -80,34 +83,40 @@ def test_backends_are_the_registrys_in_auto_order():
 
 
 def test_config_names_the_attention_backend(monkeypatch):
+    import dataclasses
+
     from megatron_cmbert.model import CMBertForMaskedLM, get_preset
 
     monkeypatch.delenv("CMBERT_KERNEL_BACKEND", raising=False)
-    model = CMBertForMaskedLM(get_preset("tiny", kernel_overrides="attention=flex"))
+    model = CMBertForMaskedLM(get_preset("tiny", kernels="attention=flex"))
     assert [layer.attn.backend for layer in model.model.layers] == ["flex"] * 3
-    model.set_attention_backend("reference")  # the older switch, kept for callers of before the config field
-    assert model.kernels.names["attention"] == "reference"
+    # fixed when built: no switch on a built model, and the choice itself is frozen
+    assert not hasattr(model, "set_attention_backend") and not hasattr(model.kernels, "set_backend")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.kernels.choice.attention = "reference"
     with pytest.raises(ValueError, match="unknown attention backend 'nonsense'"):
-        get_preset("tiny", kernel_overrides="attention=nonsense")
+        get_preset("tiny", kernels="attention=nonsense")
 
 
 def test_unavailable_backend_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine outside the kernel tests
     q, k, v = packed_qkv([4])
     with pytest.raises(KernelError, match="'flex' cannot run on cpu torch.float32: needs CUDA tensors"):
-        KernelSet("reference", "attention=flex").attention(q, k, v, cu_seqlens_from_lengths([4]), 4)
+        KernelSet("reference,attention=flex").attention_plan(PackedLayout.from_lengths([4]))
     with pytest.raises(KernelError, match="'triton' cannot run on cpu"):
         attention(q, k, v, cu_seqlens_from_lengths([4]), 4, backend="triton")
+    with pytest.raises(KernelError, match="attention backend 'flex' cannot run on cpu"):
+        KernelChoice.parse("attention=flex").resolved("cpu", torch.float32)  # what a launch check calls
 
 
 def test_auto_picks_reference_on_cpu_and_logs_once(monkeypatch, caplog):
     monkeypatch.delenv("CMBERT_KERNEL_BACKEND", raising=False)
     kernels = KernelSet()
     q, k, v = packed_qkv([3, 4])
-    cu = cu_seqlens_from_lengths([3, 4])
     with caplog.at_level(logging.INFO, logger="megatron_cmbert.kernels.registry"):
-        kernels.attention(q, k, v, cu, 4)
-        kernels.attention(q, k, v, cu, 4)
+        plan = kernels.attention_plan(PackedLayout.from_lengths([3, 4]))
+        kernels.attention(q, k, v, plan)
+        kernels.attention(q, k, v, plan)
     messages = [r.getMessage() for r in caplog.records if "kernel auto for attention" in r.getMessage()]
     assert len(messages) == 1 and ": reference (skipped" in messages[0]
     assert "flex: needs CUDA tensors" in messages[0]

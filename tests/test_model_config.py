@@ -121,11 +121,18 @@ def test_initialisation_is_truncated_normal_with_depth_scaled_outputs():
 
 
 def test_kernel_fields_survive_config_json_and_old_configs_load():
-    config = get_preset("tiny", kernel_backend="reference", kernel_overrides="attention=flex")
-    saved = json.loads(json.dumps(dataclasses.asdict(config)))
-    assert ModelConfig(**saved).kernel_overrides == "attention=flex"
-    old = {k: v for k, v in saved.items() if not k.startswith("kernel_")}  # a checkpoint from before the fields
-    assert ModelConfig(**old).kernel_backend == "auto" and ModelConfig(**old).kernel_overrides == ""
-    assert ModelConfig(**old) == config  # the kernels are not part of the architecture (compare=False)
-    with pytest.raises(ValueError, match="unknown kernel backend 'flex'"):
-        get_preset("tiny", kernel_backend="flex")
+    from megatron_cmbert.kernels.registry import KernelChoice
+
+    config = get_preset("tiny", kernels="reference,attention=flex")
+    saved = json.loads(json.dumps(config.to_dict()))
+    assert saved["kernels"] == {"attention": "flex", "rope": "reference", "geglu": "reference", "rms_norm": "reference"}
+    assert ModelConfig.from_dict(saved).kernels == KernelChoice.parse("reference,attention=flex")
+    # a checkpoint of before KernelChoice: two text fields
+    legacy = {k: v for k, v in saved.items() if k != "kernels"} | {"kernel_backend": "reference",
+                                                                      "kernel_overrides": "attention=flex"}
+    assert ModelConfig.from_dict(legacy).kernels == config.kernels
+    old = {k: v for k, v in saved.items() if k != "kernels"}  # a checkpoint from before the fields
+    assert ModelConfig.from_dict(old).kernels == KernelChoice()
+    assert ModelConfig.from_dict(old) == config  # the kernels are not part of the architecture (compare=False)
+    with pytest.raises(ValueError, match="'flex' is neither op=backend"):
+        get_preset("tiny", kernels="flex")

@@ -3,7 +3,7 @@ helper, and the sliding window's reach (from depth) in an all-local model."""
 import torch
 
 from megatron_cmbert.model import CMBertForMaskedLM, get_preset
-from megatron_cmbert.model.layers import positions_from_cu_seqlens
+from megatron_cmbert.kernels.varlen import PackedLayout
 from megatron_cmbert.model.padding import (cu_seqlens_from_lengths, pack_sequences, pad_output, run_padded,
                                            unpad_input)
 
@@ -29,13 +29,12 @@ def test_pack_pads_with_a_separate_sequence():
 
 def test_positions_restart_for_every_sequence():
     cu = cu_seqlens_from_lengths([3, 1, 4])
-    assert positions_from_cu_seqlens(cu, 8).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+    assert PackedLayout.from_cu_seqlens(cu).positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
 
 
 def _tiny_model(dtype=torch.float64, **changes):
     torch.manual_seed(0)
-    model = CMBertForMaskedLM(get_preset("tiny", **changes)).to(dtype)
-    model.set_attention_backend("reference")
+    model = CMBertForMaskedLM(get_preset("tiny", kernels="reference", **changes)).to(dtype)
     return model.eval()
 
 

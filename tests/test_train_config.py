@@ -68,10 +68,10 @@ def _other_value(name, value):
         return value + 2
     if name == "pad_token_id":
         return value + 1
-    if name == "kernel_backend":
-        return "reference"
-    if name == "kernel_overrides":
-        return "attention=reference"
+    if name == "kernels":
+        from megatron_cmbert.kernels.registry import KernelChoice
+
+        return KernelChoice.parse("triton,attention=reference")
     if name == "hidden_size":
         return value * 2
     if name in ("num_attention_heads", "global_attn_every_n_layers"):
@@ -183,10 +183,23 @@ def test_flags_used_by_the_demo_and_the_readme_still_parse():
 
 def test_attention_backend_choices_are_the_dispatchs():
     from megatron_cmbert.kernels.attention import BACKENDS
-    from megatron_cmbert.training.config import ParallelConfig
 
-    choices = {f.name: f for f in dataclasses.fields(ParallelConfig)}["attention_backend"].metadata["choices"]
-    assert sorted(choices) == sorted(["auto", *BACKENDS])
+    parser = pretrain.build_parser()
+    action = next(a for a in parser._actions if "--attention-backend" in a.option_strings)
+    assert sorted(action.choices) == sorted(["auto", *BACKENDS])
+
+
+def test_kernel_flags_are_spellings_of_one_choice():
+    from megatron_cmbert.kernels.registry import KernelChoice
+
+    resolve = lambda *flags: parse(*flags).model.resolve(1000).kernels
+    assert resolve() == KernelChoice()  # the preset's: auto
+    assert resolve("--attention-backend", "flex") == KernelChoice(attention="flex")
+    assert resolve("--kernel-backend", "triton", "--attention-backend", "flex") == \
+        KernelChoice("flex", "triton", "triton", "triton")
+    # an op named explicitly wins over a bare backend, in any order
+    assert resolve("--attention-backend", "flex", "--kernels", "reference") == KernelChoice.parse("reference,attention=flex")
+    assert resolve("--kernel-overrides", "rope=triton") == KernelChoice(rope="triton")
 
 
 @pytest.mark.parametrize("flags,embedding_decay", [([], 0.1), (["--no-decay-embeddings"], 0.0),

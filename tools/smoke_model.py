@@ -28,14 +28,9 @@ def parse_args(argv=None):
     parser.add_argument("--sequence-parallel", action="store_true", help="shard tokens between TP ranks")
     parser.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
                         help="linear layers: megatron-core local or Transformer Engine (default local)")
-    parser.add_argument("--kernel-backend", default=None, choices=("auto", "reference", "triton"),
-                        help="attention, RoPE, GeGLU and RMSNorm kernels (default: the preset's, auto; "
-                             "$CMBERT_KERNEL_BACKEND replaces auto)")
-    parser.add_argument("--kernel-overrides", default=None,
-                        help="per-op backends, e.g. attention=flex,rms_norm=reference (docs/KERNELS.md)")
-    parser.add_argument("--attention-backend", default=None,
-                        help="shorthand for --kernel-overrides attention=NAME: reference, flex, flash_attn, triton "
-                             "or auto")
+    from megatron_cmbert.kernels.registry import add_kernel_args
+
+    add_kernel_args(parser)
     parser.add_argument("--documents", type=int, default=8, help="documents packed into the micro-batch")
     parser.add_argument("--max-length", type=int, default=64, help="longest document in tokens")
     parser.add_argument("--seed", type=int, default=1234)
@@ -50,11 +45,8 @@ def main(argv=None) -> int:
     from megatron_cmbert.parallel.sharding import allreduce_sequence_parallel_grads
     from megatron_cmbert.training.optimizer import clip_grad_norm
 
-    kernel_overrides = ",".join(x for x in (args.kernel_overrides, args.attention_backend and
-                                            f"attention={args.attention_backend}") if x) or None
     overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("normalization", args.normalization),
-                                   ("kernel_backend", args.kernel_backend), ("kernel_overrides", kernel_overrides))
-                 if v is not None}
+                                   ("kernels", args.kernels)) if v is not None}
     try:
         config = get_preset(args.preset, **overrides)
     except (KeyError, ValueError) as error:  # an unknown preset, field value or kernel name

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100  # label of positions that are not predicted (PyTorch's cross-entropy default)
+from megatron_cmbert.tokens import IGNORE_INDEX, SPECIAL_TOKENS  # noqa: F401  (IGNORE_INDEX re-exported)
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,9 @@ class MaskingConfig:
     """Id of [MASK]."""
     vocab_size: int
     """Random replacements are drawn from [first_regular_id, vocab_size)."""
-    special_ids: Sequence[int] = (0, 1, 2, 3, 4)
+    special_ids: Sequence[int] = tuple(range(len(SPECIAL_TOKENS)))
     """Ids never masked: [PAD] [UNK] [CLS] [SEP] [MASK]."""
-    first_regular_id: int = 5
+    first_regular_id: int = len(SPECIAL_TOKENS)
     """Smallest id a random replacement may take (after the special tokens)."""
     mask_prob: float = 0.8
     """Share of selected tokens replaced by [MASK]."""

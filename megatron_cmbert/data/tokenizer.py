@@ -26,9 +26,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from megatron_cmbert.errors import UserError
+from megatron_cmbert.tokens import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID  # noqa: F401  (re-exported)
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 VOCAB_MULTIPLE = 64
 RESERVED = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)

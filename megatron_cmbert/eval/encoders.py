@@ -14,6 +14,7 @@ import torch
 
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 from megatron_cmbert.errors import UserError
+from megatron_cmbert.kernels.registry import KernelChoice, KernelError, add_kernel_args
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -161,10 +162,10 @@ def wrap_tokenizer(tokenizer_dir: str, max_length: int):
                                    clean_up_tokenization_spaces=False)
 
 
-def ours_encoder(model, name: str, tokenizer, tokenizer_dir: str | None, max_length: int, device, dtype,
-                 attention_backend: str | None = None) -> Encoder:
-    """An Encoder around one of our CMBertForMaskedLM models (moved to device/dtype, in eval mode)."""
-    model.set_attention_backend(attention_backend)  # None: the kernels' own dispatch (env var, else auto)
+def ours_encoder(model, name: str, tokenizer, tokenizer_dir: str | None, max_length: int, device,
+                 dtype) -> Encoder:
+    """An Encoder around one of our CMBertForMaskedLM models (moved to device/dtype, in eval mode; its
+    kernels are the ones it was built with)."""
     model.to(device=device, dtype=dtype).eval()
     config = model.config
     return Encoder(name=name, kind="ours", backbone=model.model, mlm=model, tokenizer=tokenizer,
@@ -172,32 +173,43 @@ def ours_encoder(model, name: str, tokenizer, tokenizer_dir: str | None, max_len
                    vocab_size=config.vocab_size, config=config, tokenizer_dir=tokenizer_dir)
 
 
-def _load_ours(load: str, device, dtype, attention_backend) -> Encoder:
+def resolve_kernels(kernels, device, dtype) -> KernelChoice:
+    """The kernels an evaluation runs with: `kernels` as named (default auto, which CMBERT_KERNEL_BACKEND
+    replaces), resolved for the device and dtype, whatever the checkpoint trained with (that was another
+    machine's choice). A backend that cannot run there is an EncoderError naming it."""
+    try:
+        return KernelChoice.parse(kernels).resolved(torch.device(device), dtype)
+    except KernelError as exc:
+        raise EncoderError(f"--kernels: {exc}") from exc
+
+
+def _load_ours(load: str, device, dtype, kernels) -> Encoder:
     from megatron_cmbert.hf.load import ConversionError, read_checkpoint, reference_model
 
+    choice = resolve_kernels(kernels, device, dtype)
     try:
         ck = read_checkpoint(load)
     except ConversionError as exc:
         raise EncoderError(str(exc)) from exc
-    return ours_encoder(reference_model(ck.config, ck.state_dict), load, wrap_tokenizer(ck.tokenizer_dir, ck.seq_length),
-                        ck.tokenizer_dir, ck.seq_length, device, dtype, attention_backend)
+    return ours_encoder(reference_model(ck.config, ck.state_dict, kernels=choice), load,
+                        wrap_tokenizer(ck.tokenizer_dir, ck.seq_length), ck.tokenizer_dir, ck.seq_length, device, dtype)
 
 
-def _hf_kwargs(path: str, dtype, attention_backend) -> dict:
+def _hf_kwargs(path: str, dtype, attn_implementation) -> dict:
     from megatron_cmbert.hf.export import load_kwargs
 
     kwargs = load_kwargs(dtype, remote_code=True)  # our RMSNorm exports ship their model as remote code
-    if attention_backend:
-        kwargs["attn_implementation"] = attention_backend  # e.g. eager, sdpa, flash_attention_2
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation  # e.g. eager, sdpa, flash_attention_2
     return kwargs
 
 
-def _load_hf(path: str, device, dtype, attention_backend) -> Encoder:
+def _load_hf(path: str, device, dtype, attn_implementation) -> Encoder:
     import transformers
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise EncoderError(f"{os.path.join(path, 'config.json')}: missing (--hf wants a Hugging Face model directory)")
-    kwargs = _hf_kwargs(path, dtype, attention_backend)
+    kwargs = _hf_kwargs(path, dtype, attn_implementation)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     except Exception as exc:  # transformers raises many types; name the directory
@@ -234,9 +246,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def load_encoder(load: str | None = None, hf: str | None = None, *, device="cpu", dtype=torch.float32,
-                 attention_backend: str | None = None) -> Encoder:
+                 kernels=None, hf_attn_implementation: str | None = None) -> Encoder:
     """Exactly one of `load` (our checkpoint: iter_N or save directory) and `hf` (an HF model directory).
-    `attention_backend` names one of our attention backends (ours) or an HF attn_implementation (hf)."""
+    `kernels`: ours, a KernelChoice or its text (default auto, resolved for the device); `hf_attn_implementation`:
+    hf, e.g. eager, sdpa, flash_attention_2 (default: transformers' choice)."""
     if (load is None) == (hf is None):
         raise EncoderError("give exactly one of --load CKPT and --hf DIR")
     if isinstance(dtype, str):
@@ -244,13 +257,13 @@ def load_encoder(load: str | None = None, hf: str | None = None, *, device="cpu"
             raise EncoderError(f"--dtype {dtype}: choose from {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     if load is not None:
-        return _load_ours(load, device, dtype, attention_backend)
-    return _load_hf(hf, device, dtype, attention_backend)
+        return _load_ours(load, device, dtype, kernels)
+    return _load_hf(hf, device, dtype, hf_attn_implementation)
 
 
-def attention_backend(encoder: Encoder) -> str | None:
-    """The attention backend our model runs (None for an HF model: transformers chose it)."""
-    return encoder.mlm.kernels.names["attention"] if encoder.kind == "ours" else None
+def kernels_ran(encoder: Encoder) -> str | None:
+    """The kernels our model runs, one name per op (None for an HF model: transformers chose them)."""
+    return str(encoder.mlm.kernels.choice) if encoder.kind == "ours" else None
 
 
 def random_init_like(encoder: Encoder, seed: int) -> Encoder:
@@ -261,9 +274,9 @@ def random_init_like(encoder: Encoder, seed: int) -> Encoder:
     if encoder.kind == "ours":
         from megatron_cmbert.model import CMBertForMaskedLM
 
-        return ours_encoder(CMBertForMaskedLM(encoder.config), f"{encoder.name} (random init, seed {seed})",
-                            encoder.tokenizer, encoder.tokenizer_dir, encoder.max_length, device, dtype,
-                            attention_backend(encoder))
+        config = encoder.config.replace(kernels=encoder.mlm.kernels.choice)  # the same kernels
+        return ours_encoder(CMBertForMaskedLM(config), f"{encoder.name} (random init, seed {seed})",
+                            encoder.tokenizer, encoder.tokenizer_dir, encoder.max_length, device, dtype)
     import transformers
 
     kwargs = {"trust_remote_code": True}
@@ -279,7 +292,7 @@ def random_init_like(encoder: Encoder, seed: int) -> Encoder:
 
 # ---- command line ----------------------------------------------------------------------------------------
 def add_encoder_args(parser) -> None:
-    """--load CKPT | --hf DIR (exactly one), --device, --dtype, --attention-backend."""
+    """--load CKPT | --hf DIR (exactly one), --device, --dtype, --kernels (ours), --hf-attn-implementation."""
     group = parser.add_argument_group("encoder (exactly one of --load / --hf)")
     which = group.add_mutually_exclusive_group(required=True)
     which.add_argument("--load", metavar="CKPT", help="our checkpoint: a save directory (its newest complete "
@@ -290,9 +303,10 @@ def add_encoder_args(parser) -> None:
                        help="torch device (default: cuda when available, else cpu)")
     group.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                        help="weights and activations (default: bfloat16 on GPU, float32 on CPU)")
-    group.add_argument("--attention-backend", default=None,
-                       help="ours: reference | flex | flash_attn | triton | auto (default: the kernels' dispatch); "
-                            "hf: an attn_implementation such as eager, sdpa, flash_attention_2")
+    add_kernel_args(group)
+    group.add_argument("--hf-attn-implementation", default=None, metavar="NAME",
+                       help="--hf: transformers' attn_implementation, e.g. eager, sdpa, flash_attention_2 "
+                            "(default: transformers' choice)")
 
 
 def default_dtype(device) -> str:
@@ -301,5 +315,5 @@ def default_dtype(device) -> str:
 
 def encoder_from_args(args) -> Encoder:
     dtype = args.dtype or default_dtype(args.device)
-    backend = None if args.attention_backend in (None, "auto") else args.attention_backend
-    return load_encoder(args.load, args.hf, device=args.device, dtype=dtype, attention_backend=backend)
+    return load_encoder(args.load, args.hf, device=args.device, dtype=dtype, kernels=args.kernels,
+                        hf_attn_implementation=args.hf_attn_implementation)

@@ -17,6 +17,7 @@ import torch
 
 from megatron_cmbert.hf.load import Checkpoint, ConversionError, read_checkpoint, reference_model
 from megatron_cmbert.model.hf_keymap import hf_config_kwargs, modernbert_config_dict, to_hf
+from megatron_cmbert.tokens import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
 
 TOLERANCE = 1e-4
 """Largest |logit| difference accepted between our model and the export, in float32 (both load the same
@@ -26,9 +27,8 @@ REMOTE_CODE_FILE = "modeling_cmbert.py"
 REMOTE_CLASSES = {"AutoConfig": "CMBertConfig", "AutoModel": "CMBertModel",
                   "AutoModelForMaskedLM": "CMBertForMaskedLM",
                   "AutoModelForSequenceClassification": "CMBertForSequenceClassification"}
-# Token ids fixed by megatron_cmbert/data/tokenizer.py.
-SPECIAL_IDS = {"pad_token_id": 0, "unk_token_id": 1, "cls_token_id": 2, "bos_token_id": 2, "sep_token_id": 3,
-               "eos_token_id": 3, "mask_token_id": 4}
+SPECIAL_IDS = {"pad_token_id": PAD_ID, "unk_token_id": UNK_ID, "cls_token_id": CLS_ID, "bos_token_id": CLS_ID,
+               "sep_token_id": SEP_ID, "eos_token_id": SEP_ID, "mask_token_id": MASK_ID}
 # Sample texts of the parity check (of different lengths, so the batch is padded; longer than the windows
 # of small models, so sliding-window layers are exercised).
 SAMPLE_TEXTS = (
@@ -104,7 +104,7 @@ def write_hf_dir(ck: Checkpoint, out: str, dtype: str = "float32") -> None:
 def sample_batch(tokenizer_dir: str, max_length: int, texts=SAMPLE_TEXTS):
     """[CLS] text [SEP] rows padded with [PAD]=0 into (batch, seq) ids and a 0/1 mask. A text longer than
     max_length is cut before its [SEP], as transformers' tokenizers (and so sentence-transformers) cut it."""
-    from megatron_cmbert.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, load_tokenizer
+    from megatron_cmbert.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     rows = [[CLS_ID, *tok.encode(t, add_special_tokens=False).ids[:max_length - 2], SEP_ID] for t in texts]

@@ -66,9 +66,8 @@ def read_checkpoint(load: str) -> Checkpoint:
     except ckpt.CheckpointError as exc:
         raise ConversionError(str(exc)) from exc
     config_file = os.path.join(path, "config.json")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        config = ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+        config = ModelConfig.from_dict(meta["model"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConversionError(f"{config_file}: no usable model config ({exc})") from exc
     tokenizer_dir = os.path.join(path, "tokenizer")
@@ -91,13 +90,13 @@ def read_checkpoint(load: str) -> Checkpoint:
                       state_dict=state, tokenizer_dir=tokenizer_dir)
 
 
-def reference_model(config: ModelConfig, state_dict: dict):
-    """Our single-process CMBertForMaskedLM (reference attention) holding `state_dict` (vocabulary padding
-    rows re-padded to this model's size: their logits are -inf whatever they hold)."""
+def reference_model(config: ModelConfig, state_dict: dict, kernels="reference"):
+    """Our single-process CMBertForMaskedLM holding `state_dict` (vocabulary padding rows re-padded to this
+    model's size: their logits are never computed). kernels: what it runs (default the reference ones,
+    whatever the run trained with: a `triton` checkpoint must load on a CPU machine)."""
     from megatron_cmbert.model import CMBertForMaskedLM
 
-    # the reference kernels whatever the run trained with (a `triton` checkpoint must load on a CPU machine)
-    model = CMBertForMaskedLM(config.replace(kernel_backend="reference", kernel_overrides="")).eval()
+    model = CMBertForMaskedLM(config.replace(kernels=kernels)).eval()
     own = model.state_dict()
     fitted = {}
     for key, value in state_dict.items():

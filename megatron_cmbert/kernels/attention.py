@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_cmbert.kernels.registry import backends, resolve
+from megatron_cmbert.kernels.registry import backends, kernel
+from megatron_cmbert.kernels.varlen import PackedLayout
 
 BACKENDS = backends("attention")
 
@@ -28,5 +29,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
               backend: str = "auto") -> torch.Tensor:
     """Varlen (packed) self-attention; returns (total_tokens, heads, head_dim). See the module docstring."""
     check_packed(q, k, v, cu_seqlens)
-    fn = resolve("attention", backend, q.device, q.dtype)
-    return fn(q, k, v, cu_seqlens, max_seqlen, window=tuple(window), softmax_scale=softmax_scale)
+    entry = kernel("attention", backend, q.device, q.dtype)
+    plan = entry.load_plan()(PackedLayout.from_cu_seqlens(cu_seqlens, max_seqlen), tuple(window))
+    return entry.load()(q, k, v, plan, softmax_scale=softmax_scale)

@@ -1,6 +1,7 @@
 """Varlen sliding-window FlashAttention (forward + backward) in Triton: the `triton` attention backend.
 
     attention_triton(q, k, v, cu_seqlens, max_seqlen, window=(left, right), softmax_scale=None)
+    plan(layout, window) -> attend(q, k, v, plan, softmax_scale)     (the registry's two parts)
 
 Same contract as kernels/attention_reference.py (the reference it is tested against): q, k, v packed as
 (total_tokens, heads, head_dim); query i of a sequence sees key j of the same sequence when
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from megatron_cmbert.kernels.triton_common import cast
 from megatron_cmbert.kernels.triton_utils import Launch, check_mode, next_power_of_2, run
+from megatron_cmbert.kernels.varlen import VarlenPlan, plan_from_cu_seqlens
 
 # Fixed for the process when triton was imported: compiled (GPU) or interpreted (CPU tests).
 INTERPRETED = check_mode()
@@ -445,18 +447,29 @@ def _backward(ctx, grad_out, grad_lse):
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ---- public function (the `triton` backend of kernels.attention) ----------------------------------------
-def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, window: tuple[int, int] = (-1, -1),
-                     softmax_scale: float | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+# ---- public functions (the `triton` backend of the registry) ------------------------------------------
+def plan(layout, window=(-1, -1)) -> VarlenPlan:
+    return VarlenPlan(layout, tuple(int(w) for w in window))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: VarlenPlan, softmax_scale: float | None = None,
+           config: AttentionConfig | None = None) -> torch.Tensor:
     """The `triton` attention backend; config: launch settings (default AttentionConfig.for_inputs)."""
     if q.shape[-1] > 256:
         raise ValueError(f"head_dim {q.shape[-1]} > 256 is not supported by the Triton attention kernel")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    left, right = (int(w) for w in window)
+    left, right = plan.window
     config = config or AttentionConfig.for_inputs(q.dtype, q.shape[-1])
-    out, _ = attention_forward(q, k, v, cu_seqlens, int(max_seqlen), left, right, scale, config.to_list())
+    out, _ = attention_forward(q, k, v, plan.layout.cu_seqlens, int(plan.layout.max_seqlen), left, right, scale,
+                               config.to_list())
     return out
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, window: tuple[int, int] = (-1, -1),
+                     softmax_scale: float | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+    """The functional form (tests, benchmarks): plan from cu_seqlens (read once), then attend."""
+    return attend(q, k, v, plan_from_cu_seqlens(plan, cu_seqlens, max_seqlen, window), softmax_scale, config)
 
 
 def attention_flops(lengths, heads: int, head_dim: int, window=(-1, -1), mode: str = "fwd") -> float:

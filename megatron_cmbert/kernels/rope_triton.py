@@ -5,7 +5,7 @@
 q, k: (tokens, heads, head_dim), any token/head strides (the model passes views into its fused QKV output).
 Non-interleaved ("rotate half") form, as HF ModernBERT: for the pair (x1, x2) = (x[:d/2], x[d/2:]),
 y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, angle = position * theta^(-2i/d). Positions restart per sequence
-(model/layers.py positions_from_cu_seqlens). Angles and the rotation are fp32; outputs in the input dtype.
+(kernels/varlen.PackedLayout.positions). Angles and the rotation are fp32; outputs in the input dtype.
 The inverse frequencies are computed by PyTorch exactly as the model does, so the kernel's fp32 angles are
 bitwise the reference's and only cos/sin rounding differs. The backward is the same kernel rotating by -angle
 (flash-attention's `conjugate`).

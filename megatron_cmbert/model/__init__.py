@@ -9,7 +9,7 @@ hf_keymap.py   our state dict <-> HF ModernBertForMaskedLM
 """
 from megatron_cmbert.model.config import (PRESETS, ModelConfig, ParameterCount, count_parameters,
                                           get_preset)
-from megatron_cmbert.data.masking import IGNORE_INDEX
+from megatron_cmbert.tokens import IGNORE_INDEX
 from megatron_cmbert.model.modernbert import CMBertForMaskedLM, CMBertModel, MaskedLMOutput
 
 __all__ = ["PRESETS", "ModelConfig", "ParameterCount", "count_parameters", "get_preset", "IGNORE_INDEX",

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from megatron_cmbert.kernels.registry import KernelError, check_backend, parse_overrides
+from megatron_cmbert.kernels.registry import KernelChoice, KernelError
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
@@ -52,11 +52,10 @@ class ModelConfig:
     logits of padding ids are masked to -inf so the loss is exactly the unpadded one."""
     pad_token_id: int = 0
     """Id used by the padded-batch helpers for padding (never seen by the packed model)."""
-    kernel_backend: str = field(default="auto", compare=False)
-    """Kernels for attention, RoPE, GeGLU and RMSNorm: `auto`, `reference` or `triton` (docs/KERNELS.md).
-    Not part of the architecture: a checkpoint loads whatever its config says here."""
-    kernel_overrides: str = field(default="", compare=False)
-    """Per-op backends over kernel_backend, e.g. `attention=flex,rms_norm=reference`."""
+    kernels: KernelChoice = field(default_factory=KernelChoice, compare=False)
+    """Backend per op for attention, RoPE, GeGLU and RMSNorm (`auto`, `reference`, `triton`; attention also
+    `flex`, `flash_attn`), e.g. `triton,attention=flex` (docs/KERNELS.md). Also accepts that text or a dict.
+    Not part of the architecture: a checkpoint loads with any kernels."""
     name: str = field(default="custom", compare=False)
     """Preset name, for logs only."""
 
@@ -80,8 +79,7 @@ class ModelConfig:
         need(self.global_rope_theta > 0 and self.local_rope_theta > 0, "RoPE thetas must be positive")
         need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id must be a valid token id")
         try:
-            check_backend(self.kernel_backend)
-            parse_overrides(self.kernel_overrides)
+            self.kernels = KernelChoice.parse(self.kernels)
         except KernelError as error:
             need(False, str(error))
 
@@ -127,12 +125,21 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    def with_kernel(self, op: str, backend: str) -> "ModelConfig":
-        """This config with `op` run by `backend` (one entry of kernel_overrides set, the others kept)."""
-        from megatron_cmbert.kernels.registry import parse_overrides
+    def to_dict(self) -> dict:
+        """JSON-ready fields (kernels as their {op: backend} mapping)."""
+        out = dataclasses.asdict(self)
+        out["kernels"] = self.kernels.as_dict()
+        return out
 
-        overrides = parse_overrides(self.kernel_overrides) | parse_overrides({op: backend})
-        return self.replace(kernel_overrides=",".join(f"{k}={v}" for k, v in overrides.items()))
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """From to_dict() output or an older config.json (kernel_backend / kernel_overrides fields);
+        unknown keys are ignored, so a newer file's extra fields do not stop an older reader."""
+        values = dict(values)
+        if "kernels" not in values and ("kernel_backend" in values or "kernel_overrides" in values):
+            values["kernels"] = KernelChoice.from_legacy(values.get("kernel_backend"), values.get("kernel_overrides"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 PRESETS: dict[str, ModelConfig] = {

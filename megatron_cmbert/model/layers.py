@@ -98,14 +98,6 @@ class LayerNorm(nn.Module):
 NORM_CLASSES = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}
 
 
-# ---- rotary embedding --------------------------------------------------------------------------------------
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
-    """Position of each packed token inside its own sequence (restarting at 0 for every sequence)."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total_tokens)
-    return torch.arange(total_tokens, device=cu_seqlens.device) - starts
-
-
 # ---- the plain-PyTorch layer spec -------------------------------------------------------------------------
 class TorchSpec:
     """Single process, no tensor parallelism: every slot is a plain PyTorch module."""
@@ -139,9 +131,14 @@ class TorchSpec:
         """Sequence-parallel token shards -> all tokens."""
         return x
 
-    def lm_logits(self, x, weight, bias):
-        return F.linear(x, weight, bias)
+    def lm_logits(self, x, weight, bias, vocab_size: int):
+        """Logits of ids < vocab_size: the embedding's padding rows are left out of the matmul."""
+        return F.linear(x, weight[:vocab_size], bias[:vocab_size])
 
     def cross_entropy(self, logits, targets):
         """Per-token loss, fp32."""
         return F.cross_entropy(logits.float(), targets, reduction="none")
+
+    def argmax(self, logits):
+        """Token id of each row's largest logit (ids are global, whatever slice a rank holds)."""
+        return logits.argmax(dim=-1)

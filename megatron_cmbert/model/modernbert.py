@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_cmbert.kernels.registry import KernelSet
-from megatron_cmbert.data.masking import IGNORE_INDEX
+from megatron_cmbert.kernels.varlen import PackedLayout
 from megatron_cmbert.model.config import ModelConfig
-from megatron_cmbert.model.layers import Linear, TorchSpec, bind_kernels, init_methods, positions_from_cu_seqlens
-
+from megatron_cmbert.model.layers import Linear, TorchSpec, bind_kernels, init_methods
+from megatron_cmbert.model.padding import pad_for_sequence_parallel
+from megatron_cmbert.tokens import IGNORE_INDEX
 
 
 class Attention(nn.Module):
@@ -36,11 +37,11 @@ class Attention(nn.Module):
         """The attention backend name this layer asks its KernelSet for."""
         return self.kernels.names["attention"]
 
-    def forward(self, x, positions, cu_seqlens, max_seqlen):
+    def forward(self, x, positions, plan):
         qkv = self.Wqkv(x)  # (tokens, 3 * local_heads * head_dim), all tokens even under sequence parallel
         q, k, v = qkv.view(qkv.shape[0], -1, 3, self.head_dim).unbind(dim=2)
         q, k = self.kernels.rope(q, k, positions, self.theta)
-        out = self.kernels.attention(q, k, v, cu_seqlens, max_seqlen, window=self.window)
+        out = self.kernels.attention(q, k, v, plan)
         return self.Wo(out.reshape(out.shape[0], -1))
 
 
@@ -66,8 +67,9 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = norm()
         self.mlp = GeGLU(config, spec, inits, kernels)
 
-    def forward(self, x, positions, cu_seqlens, max_seqlen):
-        x = x + self.attn(self.attn_norm(x), positions, cu_seqlens, max_seqlen)
+    def forward(self, x, positions, plan):
+        """plan: the attention plan of this layer's window for the micro-batch (shared by layers)."""
+        x = x + self.attn(self.attn_norm(x), positions, plan)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -99,17 +101,24 @@ class CMBertModel(nn.Module):
         self.final_norm = spec.norm(config.normalization, config.hidden_size, config.norm_eps, on_token_shards=True)
         bind_kernels(self, self.kernels)
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, layout, max_seqlen: int | None = None) -> torch.Tensor:
+        """input_ids: packed (tokens,); layout: a PackedLayout (training: built by the loader from host-side
+        lengths), or the int32 cu_seqlens tensor (read once to the host; evaluation and tests)."""
+        layout = as_layout(layout, max_seqlen)
         total = input_ids.shape[0]
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be packed 1-D tokens, got shape {tuple(input_ids.shape)}")
+        if layout.total != total:
+            raise ValueError(f"the layout holds {layout.total} tokens but input_ids has {total}")
         if self.spec.sequence_parallel and total % self.spec.tensor_parallel_size:
             raise ValueError(f"sequence parallelism needs the token count ({total}) divisible by TP "
-                             f"({self.spec.tensor_parallel_size}); pack with pad_to_multiple_of=TP")
-        positions = positions_from_cu_seqlens(cu_seqlens, total)
+                             f"({self.spec.tensor_parallel_size}); CMBertForMaskedLM pads by itself")
         x = self.embeddings(input_ids)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        # One plan per distinct window, built once per micro-batch and shared by the layers.
+        plans = {w: self.kernels.attention_plan(layout, w, dtype) for w in {l.attn.window for l in self.layers}}
         for layer in self.layers:
-            x = layer(x, positions, cu_seqlens, max_seqlen)
+            x = layer(x, layout.positions, plans[layer.attn.window])
         return self.final_norm(x)
 
 
@@ -133,6 +142,8 @@ class MaskedLMOutput:
     loss: torch.Tensor | None = None
     """Mean cross-entropy over predicted tokens (fp32)."""
     num_predicted: int = 0
+    num_correct: torch.Tensor | None = None
+    """Predicted tokens whose argmax over the whole vocabulary is the label (0-d, on the device)."""
 
 
 class CMBertForMaskedLM(nn.Module):
@@ -147,29 +158,37 @@ class CMBertForMaskedLM(nn.Module):
         self.kernels = self.model.kernels
         self.head = PredictionHead(config, spec, inits)
         bind_kernels(self.head, self.kernels)
-        padded = config.padded_vocab_size(spec.tensor_parallel_size)
-        self.decoder_bias = spec.vocab_bias(padded)
-        start, end = spec.vocab_range(padded)
-        # Logits of ids >= vocab_size (padding rows) are masked so the loss is the unpadded vocabulary's.
-        self.register_buffer("vocab_padding", torch.arange(start, end) >= config.vocab_size, persistent=False)
+        self.decoder_bias = spec.vocab_bias(config.padded_vocab_size(spec.tensor_parallel_size))
 
-    def set_attention_backend(self, backend: str | None):
-        """Switch attention's backend after building (None: back to the config's). Kept for callers that
-        predate ModelConfig.kernel_overrides; new code sets the config instead."""
-        self.kernels.set_backend("attention", backend or KernelSet.from_config(self.config).names["attention"])
-
-    def forward(self, input_ids, cu_seqlens, max_seqlen, labels=None) -> MaskedLMOutput:
-        """input_ids, labels: packed (tokens,); labels -100 where nothing is predicted."""
-        hidden = self.spec.gather_tokens(self.model(input_ids, cu_seqlens, max_seqlen))
+    def forward(self, input_ids, layout, max_seqlen=None, labels=None) -> MaskedLMOutput:
+        """input_ids, labels: packed (tokens,); labels -100 where nothing is predicted. layout: as
+        CMBertModel.forward. Under sequence parallelism the tokens are padded here to a multiple of TP (a
+        padding sequence of its own, predicting nothing), so callers never need to know the layout."""
+        layout = as_layout(layout, max_seqlen)
+        total = input_ids.shape[0]
+        if self.spec.sequence_parallel:
+            input_ids, layout, labels = pad_for_sequence_parallel(input_ids, layout, labels,
+                                                                  self.spec.tensor_parallel_size, self.config.pad_token_id)
+        hidden = self.spec.gather_tokens(self.model(input_ids, layout))
         targets = None
         if labels is not None:
             predicted = labels != IGNORE_INDEX
             hidden, targets = hidden[predicted], labels[predicted]
+        else:
+            hidden = hidden[:total]
+        # Logits of the unpadded vocabulary only (vocabulary padding rows never reach the loss or argmax).
         logits = self.spec.lm_logits(self.head(hidden), self.model.embeddings.tok_embeddings.weight,
-                                     self.decoder_bias)
-        logits = logits.masked_fill(self.vocab_padding, float("-inf"))
+                                     self.decoder_bias, self.config.vocab_size)
         if targets is None:
             return MaskedLMOutput(logits=logits, num_predicted=logits.shape[0])
         # sum / count rather than mean(): a micro-batch with nothing to predict gives 0, not NaN.
         loss = self.spec.cross_entropy(logits, targets).sum() / max(targets.numel(), 1)
-        return MaskedLMOutput(logits=logits, loss=loss, num_predicted=int(targets.numel()))
+        correct = (self.spec.argmax(logits.detach()) == targets).sum()
+        return MaskedLMOutput(logits=logits, loss=loss, num_predicted=int(targets.numel()), num_correct=correct)
+
+
+def as_layout(layout, max_seqlen: int | None = None) -> PackedLayout:
+    """A PackedLayout as is, or one from a cu_seqlens tensor (read to the host once)."""
+    if isinstance(layout, PackedLayout):
+        return layout
+    return PackedLayout.from_cu_seqlens(layout, max_seqlen)

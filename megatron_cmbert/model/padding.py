@@ -47,3 +47,21 @@ def run_padded(fn, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
     run_padded(lambda *a: model(*a).logits, ids, mask) for MLM logits of every token."""
     tokens, indices, cu_seqlens, max_seqlen = unpad_input(input_ids, attention_mask)
     return pad_output(fn(tokens, cu_seqlens, max_seqlen), indices, *input_ids.shape)
+
+
+def pad_for_sequence_parallel(input_ids: torch.Tensor, layout, labels, multiple: int, pad_token_id: int = 0):
+    """(input_ids, layout, labels) with the token count rounded up to `multiple` (sequence parallelism splits
+    tokens evenly over the TP ranks): the extra tokens are one sequence of their own, predicting nothing.
+    Unchanged when already a multiple (a training micro-batch's static budget is)."""
+    from megatron_cmbert.kernels.varlen import PackedLayout
+    from megatron_cmbert.tokens import IGNORE_INDEX
+
+    extra = -input_ids.shape[0] % multiple
+    if not extra:
+        return input_ids, layout, labels
+    input_ids = torch.cat([input_ids, input_ids.new_full((extra,), pad_token_id)])
+    if labels is not None:
+        labels = torch.cat([labels, labels.new_full((extra,), IGNORE_INDEX)])
+    lengths = list(layout.lengths) + [extra]
+    layout = PackedLayout.from_lengths(lengths, layout.device, max(layout.max_seqlen, extra))
+    return input_ids, layout, labels

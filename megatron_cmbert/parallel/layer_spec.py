@@ -98,15 +98,38 @@ class MegatronSpec:
         return self.tp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
                                                             group=self.group)
 
-    def lm_logits(self, x, weight, bias):
-        return F.linear(self.tp.copy_to_tensor_model_parallel_region(x, group=self.group), weight, bias)
+    def lm_logits(self, x, weight, bias, vocab_size: int):
+        """This rank's vocabulary slice of the logits. The slices must stay equal for the vocab-parallel
+        cross-entropy, so the padding ids (>= vocab_size, on the last ranks) are masked to -inf instead of
+        cut off."""
+        logits = F.linear(self.tp.copy_to_tensor_model_parallel_region(x, group=self.group), weight, bias)
+        start, end = self.vocab_range(weight.shape[0] * self.tensor_parallel_size)
+        if end > vocab_size:
+            padding = torch.arange(start, end, device=logits.device) >= vocab_size
+            logits = logits.masked_fill(padding, float("-inf"))
+        return logits
 
     def cross_entropy(self, logits, targets):
-        # megatron's vocab-parallel CE edits fp32 logits in place (.float() is then no copy); the caller
-        # still returns them.
-        if logits.dtype == torch.float32:
-            logits = logits.clone()
+        # megatron's vocab-parallel CE edits fp32 logits in place: give it its own fp32 copy (a bf16 logit's
+        # .float() is one; an fp32 one is cloned), so the logits the model returns stay as computed.
+        logits = logits.clone() if logits.dtype == torch.float32 else logits.float()
         return self.tp.vocab_parallel_cross_entropy(logits, targets)
+
+    def argmax(self, logits):
+        """Global id of each row's largest logit: the best of every rank's slice (one all-gather of the
+        per-rank maxima and their ids over the TP group)."""
+        import torch.distributed as dist
+
+        values, index = logits.max(dim=-1)
+        index = index + self.vocab_range(logits.shape[-1] * self.tensor_parallel_size)[0]
+        if self.tensor_parallel_size == 1:
+            return index
+        pair = torch.stack([values.float(), index.float()])  # ids < 2^24 are exact in fp32
+        gathered = [torch.empty_like(pair) for _ in range(self.tensor_parallel_size)]
+        dist.all_gather(gathered, pair.contiguous(), group=self.group)
+        stacked = torch.stack(gathered)  # (tp, 2, rows)
+        best = stacked[:, 0].argmax(dim=0)
+        return stacked[:, 1].gather(0, best[None]).squeeze(0).long()
 
 
 def _seq_first(layer_forward):

@@ -26,6 +26,7 @@ from typing import Optional
 
 from megatron_cmbert.cli import add_dataclass_args, field_docs, flag_name, from_namespace
 from megatron_cmbert.errors import UserError
+from megatron_cmbert.kernels.registry import KernelChoice, KernelError, add_kernel_args
 from megatron_cmbert.model.config import NORMALIZATIONS, PRESETS, ModelConfig, get_preset
 from megatron_cmbert.training.schedules import ScheduleConfig
 
@@ -52,6 +53,9 @@ def _model_overrides_class():
     for f in fields(ModelConfig):
         if f.name == "name":
             continue
+        if f.name == "kernels":  # one text, written by --kernels and its spellings (kernels/registry.py)
+            spec.append(("kernels", Optional[str], field(default=None, metadata={"add_arguments": add_kernel_args})))
+            continue
         meta = {"help": docs.get(f.name, "") + " Default: the preset's value.",
                 "aliases": aliases.get(f.name, ()), **extra.get(f.name, {})}
         if f.name == "vocab_size":
@@ -60,9 +64,14 @@ def _model_overrides_class():
         spec.append((f.name, Optional[hints[f.name]], field(default=None, metadata=meta)))
 
     def resolve(self, tokenizer_vocab: int) -> ModelConfig:
-        """The preset with the given fields replaced; vocab_size defaults to the tokenizer's size."""
+        """The preset with the given fields replaced; vocab_size defaults to the tokenizer's size; kernels
+        still as named (auto included): resolve_run resolves them for the device."""
         changes = {f.name: getattr(self, f.name) for f in fields(self)
-                   if f.name != "preset" and getattr(self, f.name) is not None}
+                   if f.name not in ("preset", "kernels") and getattr(self, f.name) is not None}
+        try:
+            changes["kernels"] = KernelChoice.parse(self.kernels, get_preset(self.preset).kernels)
+        except KernelError as exc:
+            raise ConfigError(f"--kernels: {exc}") from None
         changes.setdefault("vocab_size", tokenizer_vocab)
         if changes["vocab_size"] < tokenizer_vocab:
             raise ConfigError(f"--vocab-size {changes['vocab_size']} is smaller than the tokenizer's "
@@ -93,10 +102,6 @@ class ParallelConfig:
     """bf16 autocast with fp32 master weights and optimizer state."""
     transformer_impl: str = field(default="local", metadata={"choices": ("local", "transformer_engine")})
     """Linear layers: megatron-core local or Transformer Engine."""
-    attention_backend: Optional[str] = field(default=None, metadata={
-        "choices": ("auto", "reference", "flex", "flash_attn", "triton")})
-    """Attention kernel: shorthand for `--kernel-overrides attention=NAME` (default: the model's kernel_backend,
-    else $CMBERT_KERNEL_BACKEND, else auto; docs/KERNELS.md)."""
 
     def __post_init__(self):
         _check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")

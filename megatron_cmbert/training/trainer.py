@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megatron_cmbert.data.masking import IGNORE_INDEX, MaskingConfig
 from megatron_cmbert.data.pretrain_data import MicroBatchSchedule, PretrainSamples, StepSchedule, step_loader
-from megatron_cmbert.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, load_tokenizer
+from megatron_cmbert.data.tokenizer import CLS_ID, MASK_ID, SEP_ID, load_tokenizer
 from megatron_cmbert.training.checkpoint import Ranks, list_checkpoints, load_latest, save_checkpoint
 from megatron_cmbert.training.config import ConfigError, OptimizerConfig, TrainConfig, check_resume
 from megatron_cmbert.training.meter import ThroughputMeter
@@ -92,9 +92,6 @@ class Trainer:
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if par.tensor_model_parallel_size > 1 else None
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        if par.attention_backend not in (None, "auto"):  # --attention-backend: shorthand for one kernel override
-            model_config = model_config.with_kernel("attention", par.attention_backend)
-            self.config = model_config
         self.model = build_masked_lm(model_config, transformer_impl=par.transformer_impl,
                                      sequence_parallel=par.sequence_parallel).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule.lr, self.tp_group)
@@ -155,11 +152,10 @@ class Trainer:
         if self.pppl_pool is None:
             return {}
         self.model.eval()
-        par, log = self.cfg.parallel, self.cfg.logging
+        log = self.cfg.logging
         results = evaluate_lengths(model_nll_fn(self.model), *self.pppl_pool, log.eval_pppl_lengths,
                                    cls_id=CLS_ID, sep_id=SEP_ID, mask_id=MASK_ID, max_units=log.eval_pppl_max_units,
-                                   seed=self.cfg.seed, bootstrap=0, device=self.device,
-                                   pad_to_multiple_of=par.tensor_model_parallel_size if par.sequence_parallel else 1)
+                                   seed=self.cfg.seed, bootstrap=0, device=self.device)
         return {f"valid_pppl_{r.length}": r.pppl for r in results}
 
     def _print(self, text: str, file=None) -> None:
@@ -214,39 +210,12 @@ class Trainer:
         self._print(f"saved checkpoint {path}")
 
     # -- one step ----------------------------------------------------------------------------------
-    def _pad_for_sequence_parallel(self, mb):
-        tp = self.ranks.tp_size
-        extra = (-mb.input_ids.numel()) % tp if self.cfg.parallel.sequence_parallel else 0
-        if not extra:
-            return mb.input_ids, mb.labels, mb.cu_seqlens, mb.max_seqlen
-        ids = torch.cat([mb.input_ids, torch.full((extra,), PAD_ID, dtype=mb.input_ids.dtype)])
-        labels = torch.cat([mb.labels, torch.full((extra,), IGNORE_INDEX, dtype=mb.labels.dtype)])
-        cu = torch.cat([mb.cu_seqlens, mb.cu_seqlens[-1:] + extra])  # padding is a sequence of its own
-        return ids, labels, cu, max(mb.max_seqlen, extra)
-
-    def _accuracy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        values, index = logits.float().max(dim=-1)
-        start, _ = self.model.spec.vocab_range(self.config.padded_vocab_size(self.ranks.tp_size))
-        index = index + start
-        if self.ranks.tp_size > 1:  # vocab-parallel logits: the best id is the best over the TP ranks
-            vals = [torch.empty_like(values) for _ in range(self.ranks.tp_size)]
-            idxs = [torch.empty_like(index) for _ in range(self.ranks.tp_size)]
-            dist.all_gather(vals, values.contiguous(), group=self.tp_group)
-            dist.all_gather(idxs, index.contiguous(), group=self.tp_group)
-            best = torch.stack(vals).argmax(dim=0)
-            index = torch.stack(idxs).gather(0, best[None]).squeeze(0)
-        return (index == targets).sum()
-
     def _forward(self, model, mb):
         """(sum of token losses, correct predictions, predicted tokens) of one micro-batch, on the device."""
-        ids, labels, cu, max_len = self._pad_for_sequence_parallel(mb)
         dev = self.device
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.parallel.bf16):
-            out = model(ids.to(dev), cu.to(dev), max_len, labels=labels.to(dev))
-        loss_sum = out.loss.float() * out.num_predicted
-        targets = labels[labels != IGNORE_INDEX].to(dev)
-        correct = self._accuracy(out.logits.detach(), targets)
-        return loss_sum, correct, out.num_predicted
+            out = model(mb.input_ids.to(dev), mb.cu_seqlens.to(dev), mb.max_seqlen, labels=mb.labels.to(dev))
+        return out.loss.float() * out.num_predicted, out.num_correct, out.num_predicted
 
     def _dp_sum(self, values) -> list:
         """Sum over data parallelism (one all-reduce) and bring the values to the host."""
