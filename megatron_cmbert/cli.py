@@ -50,15 +50,16 @@ class UsageError(UserError):
 
 
 class ToolParser(argparse.ArgumentParser):
-    """argparse whose errors are UsageError (one line through run_tool) instead of usage + exit 2; the
-    module docstring is the description, kept as written."""
+    """argparse whose errors are raised (UsageError, or `error_class`, a UserError: one line through
+    run_tool) instead of usage + exit 2; the description (the tool's docstring) is kept as written."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, error_class: type = UsageError, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
+        self.error_class = error_class
 
     def error(self, message):
-        raise UsageError(message)
+        raise self.error_class(message)
 
 
 # ---- flags from dataclasses --------------------------------------------------------------------------------
@@ -195,8 +196,8 @@ def run_tool(run: Callable[[Optional[list[str]]], Any], argv: Optional[list[str]
     except ToolFailure as exc:
         print_error(one_line(exc))
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print_error("interrupted")
+    except KeyboardInterrupt as exc:  # a message says what was kept
+        print_error("interrupted" + (f" ({one_line(exc)})" if str(exc) else ""))
         return EXIT_INTERRUPTED
     return EXIT_OK
 

@@ -108,7 +108,7 @@ def gloo_world():
 
     from megatron_cmbert.parallel import cpu_shim
     from megatron_cmbert.parallel.world import single_process_group
-    from megatron_cmbert.training.checkpoint import Ranks
+    from megatron_cmbert.parallel.world import Ranks
 
     with single_process_group():
         if dist.get_world_size() != 1:

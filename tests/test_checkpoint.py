@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from megatron_cmbert.training import checkpoint as ckpt
-from megatron_cmbert.training.checkpoint import CheckpointError, NoCheckpointError
+from megatron_cmbert.checkpoint import store as ckpt
+from megatron_cmbert.checkpoint.records import CheckpointError, NoCheckpointError, RunRecord, TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
@@ -29,6 +29,12 @@ def _model_and_optimizer(seed=0):
     torch.manual_seed(seed)
     model = build_masked_lm(get_preset("tiny"))
     return model, StableAdamW(model.parameters(), lr=1e-2)
+
+
+def _record(seed=0):
+    from megatron_cmbert.model import get_preset
+
+    return RunRecord(model=get_preset("tiny"), seq_length=64, args={"seed": seed})
 
 
 def _fake_step(model, optimizer):
@@ -65,8 +71,8 @@ def saved(gloo_world, tmp_path_factory):
     for step in (5, 10):
         _fake_step(model, optimizer)
         snapshots[step] = _snapshot(model, optimizer)
-        ckpt.save_checkpoint(str(save), step, model, optimizer, gloo_world, {"step": step, "consumed_samples": 8 * step},
-                             extra_files={"config.json": {"model": {"num_layers": 3}, "args": {"seed": step}}},
+        ckpt.save_checkpoint(str(save), step, model, optimizer, gloo_world,
+                             TrainState(step=step, consumed_samples=8 * step), _record(step),
                              tokenizer_dir=str(tokenizer))
     return save, snapshots
 
@@ -128,7 +134,7 @@ def test_each_damage_is_named_and_load_latest_falls_back(gloo_world, saved, dama
     model, optimizer = _model_and_optimizer(seed=1)  # a different model: the load must overwrite it all
     warnings = []
     path, state = ckpt.load_latest(str(damaged), model, optimizer, gloo_world, warn=warnings.append)
-    assert path == str(damaged / "iter_0000005") and state["step"] == 5
+    assert path == str(damaged / "iter_0000005") and state.step == 5
     assert len(warnings) == 1 and f"skipping {newest}: {message}; falling back to {path}" in warnings[0]
     _assert_holds(model, optimizer, saved[1][5])
 
@@ -139,10 +145,10 @@ def test_the_undamaged_newest_checkpoint_loads_silently(gloo_world, saved):
     model, optimizer = _model_and_optimizer(seed=1)
     warnings = []
     path, state = ckpt.load_latest(str(save), model, optimizer, gloo_world, warn=warnings.append)
-    assert (path, state, warnings) == (str(save / "iter_0000010"), {"step": 10, "consumed_samples": 80}, [])
+    assert (path, state, warnings) == (str(save / "iter_0000010"), TrainState(step=10, consumed_samples=80), [])
     _assert_holds(model, optimizer, snapshots[10])
-    assert ckpt.read_train_state(path) == {"step": 10, "consumed_samples": 80}
-    assert ckpt.read_checkpoint_config(path)["args"] == {"seed": 10}
+    assert ckpt.read_train_state(path) == TrainState(step=10, consumed_samples=80)
+    assert ckpt.read_run_record(path).args == {"seed": 10}
 
 
 def test_a_failed_load_after_verification_falls_back(gloo_world, saved, damaged):
@@ -238,12 +244,12 @@ def test_keep_last_deletes_the_oldest_complete_checkpoints(gloo_world, tmp_path)
     (save / "iter_0000002.tmp").mkdir()  # a torn save: not a complete checkpoint, not touched
     model, optimizer = _model_and_optimizer()
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(str(save), step, model, optimizer, gloo_world, {"step": step})
+        ckpt.save_checkpoint(str(save), step, model, optimizer, gloo_world, TrainState(step=step), _record())
     assert [s for s, _ in ckpt.list_checkpoints(str(save))] == [1, 2, 3, 9]  # keep_last=0 keeps all
-    ckpt.save_checkpoint(str(save), 4, model, optimizer, gloo_world, {"step": 4}, keep_last=2)
+    ckpt.save_checkpoint(str(save), 4, model, optimizer, gloo_world, TrainState(step=4), _record(), keep_last=2)
     assert [s for s, _ in ckpt.list_checkpoints(str(save))] == [3, 4, 9]
     assert sorted(os.listdir(save)) == ["iter_0000003", "iter_0000004", "iter_0000009", ckpt.LATEST]
-    ckpt.save_checkpoint(str(save), 5, model, optimizer, gloo_world, {"step": 5}, keep_last=1)
+    ckpt.save_checkpoint(str(save), 5, model, optimizer, gloo_world, TrainState(step=5), _record(), keep_last=1)
     assert [s for s, _ in ckpt.list_checkpoints(str(save))] == [5, 9]
     assert ckpt.read_marker(str(save)) == 5
     ckpt.verify_checkpoint(str(save / "iter_0000005"))
@@ -277,7 +283,7 @@ def test_resume_after_a_kill_during_a_save(corpus, launch_logged):
     keys = ("step", "loss", "grad_norm", "lr", "mask_rate", "accuracy")
     assert [r["step"] for r in straight] == list(range(1, 13))
     assert [tuple(r[k] for k in keys) for r in resumed] == [tuple(r[k] for k in keys) for r in straight[5:]]
-    assert ckpt.read_marker(str(save)) == 12 and ckpt.read_train_state(str(save / "iter_0000012"))["step"] == 12
+    assert ckpt.read_marker(str(save)) == 12 and ckpt.read_train_state(str(save / "iter_0000012")).step == 12
     # the newest checkpoint damaged: the run says so, falls back to step 10 and redoes 11-12 identically
     newest = save / "iter_0000012"
     os.truncate(newest / _data_files(newest)[0], 0)
@@ -291,3 +297,40 @@ def test_resume_after_a_kill_during_a_save(corpus, launch_logged):
 def test_ranks_agree_when_one_of_them_sees_a_failure(torchrun):
     out = torchrun("tests/dist/checkpoint_agreement.py", timeout=TIMEOUT)
     assert "checkpoint agreement: ok" in out
+
+
+def test_checkpoints_written_before_the_typed_records_still_load(gloo_world, saved, damaged):
+    """The layout main wrote before RunRecord/TrainState (format version 1): config.json {"model" with the two
+    kernel text fields, "train", "args" holding seq_length}, and train_state an untyped dict. Both read into
+    the records, and the checkpoint loads as before."""
+    import dataclasses
+    import json
+
+    from megatron_cmbert.checkpoint.reader import read_checkpoint
+    from megatron_cmbert.kernels.registry import KernelChoice
+    from megatron_cmbert.model import get_preset
+
+    newest = damaged / "iter_0000010"
+    model = {k: v for k, v in dataclasses.asdict(get_preset("tiny")).items() if k != "kernels"}
+    legacy = {"model": {**model, "kernel_backend": "reference", "kernel_overrides": "attention=flex"},
+              "train": {"seed": 3}, "args": {"seq_length": 96, "tensor_model_parallel_size": 2, "seed": 3}}
+    (newest / "config.json").write_text(json.dumps(legacy))
+    common = torch.load(newest / ckpt.COMMON, weights_only=True)
+    common["train_state"] = {"step": 10, "consumed_samples": 80, "global_batch_size": 8, "train_loss": 3.5}
+    torch.save(common, newest / ckpt.COMMON)
+
+    record = ckpt.read_run_record(str(newest))
+    assert (record.seq_length, record.tensor_model_parallel_size, record.args["seed"]) == (96, 2, 3)
+    assert record.model.kernels == KernelChoice.parse("reference,attention=flex")
+    assert record.model == get_preset("tiny")
+    assert ckpt.read_train_state(str(newest)) == TrainState(step=10, consumed_samples=80, global_batch_size=8,
+                                                            train_loss=3.5)
+    model_, optimizer = _model_and_optimizer(seed=1)
+    path, state = ckpt.load_latest(str(damaged), model_, optimizer, gloo_world, warn=pytest.fail)
+    assert path == str(newest) and state.step == 10 and state.tokens_seen == 0
+    _assert_holds(model_, optimizer, saved[1][10])
+    assert read_checkpoint(str(damaged)).seq_length == 96
+    # a record from a newer writer is refused in one line, not misread
+    (newest / "config.json").write_text(json.dumps({**legacy, "version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        ckpt.read_run_record(str(newest))

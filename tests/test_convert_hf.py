@@ -18,7 +18,8 @@ from megatron_cmbert.data.tokenizer import MASK_ID, load_tokenizer  # noqa: E402
 from megatron_cmbert.parallel.world import single_process_group  # noqa: E402
 from megatron_cmbert.model import CMBertForMaskedLM, ModelConfig  # noqa: E402
 from megatron_cmbert.model.padding import run_padded  # noqa: E402
-from megatron_cmbert.training.checkpoint import Ranks, load_checkpoint  # noqa: E402
+from megatron_cmbert.checkpoint.store import load_checkpoint  # noqa: E402
+from megatron_cmbert.parallel.world import Ranks  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
@@ -191,7 +192,9 @@ from megatron.core import parallel_state
 from megatron_cmbert.model import ModelConfig
 from megatron_cmbert.parallel import cpu_shim
 from megatron_cmbert.parallel.layer_spec import build_masked_lm
-from megatron_cmbert.training.checkpoint import Ranks, load_checkpoint, save_checkpoint
+from megatron_cmbert.checkpoint.records import TrainState
+from megatron_cmbert.checkpoint.store import load_checkpoint, read_run_record, save_checkpoint
+from megatron_cmbert.parallel.world import Ranks
 
 
 def main(src, dst, round_trip, result):
@@ -200,11 +203,11 @@ def main(src, dst, round_trip, result):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     rank = dist.get_rank()
     ranks = Ranks(rank, 2, 0, rank, 2)
-    meta = json.load(open(os.path.join(src, "config.json")))
-    config = ModelConfig(**meta["model"])
+    record = read_run_record(src)
+    config = record.model
     model, other = build_masked_lm(config), build_masked_lm(config)
     load_checkpoint(src, model, None, ranks)
-    save_checkpoint(dst, 3, model, None, ranks, {"step": 3}, extra_files={"config.json": meta},
+    save_checkpoint(dst, 3, model, None, ranks, TrainState(step=3), record,
                     tokenizer_dir=os.path.join(src, "tokenizer"))
     load_checkpoint(round_trip, other, None, ranks)
     rows = config.padded_vocab_size(2) // 2
@@ -274,16 +277,16 @@ def test_bad_checkpoints_give_one_line_naming_the_file(trained, tmp_path, capsys
     shutil.copytree(ckpt, broken)
     shard = sorted((_iter_dir(broken)).glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
-    assert convert_to_hf.main(["--load", str(broken), "--output", str(tmp_path / "out")]) == 1
+    assert convert_to_hf.main(["--load", str(broken), "--output", str(tmp_path / "out")]) == 2  # a user error
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and shard.name in err and "truncated" in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
     (_iter_dir(broken) / "config.json").unlink()
     shutil.copyfile(_iter_dir(ckpt) / shard.name, shard)
-    assert convert_to_hf.main(["--load", str(broken), "--output", str(tmp_path / "out")]) == 1
+    assert convert_to_hf.main(["--load", str(broken), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "config.json" in err, err
-    assert convert_to_hf.main(["--load", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
+    assert convert_to_hf.main(["--load", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
@@ -293,7 +296,7 @@ def test_failed_parity_check_writes_nothing(trained, tmp_path, monkeypatch, caps
     ckpt, _ = trained["LayerNorm"]
     # The classic conversion bug: Wqkv left in our per-head layout. Same shapes, so loading cannot notice.
     monkeypatch.setattr(hf_keymap, "qkv_to_hf", lambda weight, num_heads: weight)
-    assert convert_to_hf.main(["--load", str(ckpt), "--output", str(tmp_path / "out")]) == 1
+    assert convert_to_hf.main(["--load", str(ckpt), "--output", str(tmp_path / "out")]) == 1  # a failed check
     assert "largest logit difference" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 

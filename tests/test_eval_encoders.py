@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers", reason="needs the optional pa
 from megatron_cmbert.eval.encoders import (EncoderError, add_encoder_args, encoder_from_args,  # noqa: E402
                                            load_encoder, random_init_like)
 from megatron_cmbert.hf.export import load_kwargs, write_hf_dir  # noqa: E402
-from megatron_cmbert.hf.load import read_checkpoint  # noqa: E402
+from megatron_cmbert.checkpoint.reader import read_checkpoint  # noqa: E402
 from eval_checkpoint import tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)

@@ -63,13 +63,13 @@ def test_contrastive_training_and_the_saved_model(tmp_path, tokenizer_dir):
     got = torch.as_tensor(model.encode(texts, convert_to_numpy=True))
     # the exported weights read back into our packed model (the importer), embedded by our pooling
     from megatron_cmbert.hf.importer import read_hf_dir
-    from megatron_cmbert.hf.load import reference_model
+    from megatron_cmbert.checkpoint.reader import build_model
     from megatron_cmbert.model.hf_keymap import from_hf
 
     config, hf_state = read_hf_dir(str(out / "model"))
     state = from_hf(hf_state, config)
     base = load_encoder(load=checkpoint)
-    ours = ours_encoder(reference_model(config, state), "exported", base.tokenizer, base.tokenizer_dir, 64, "cpu",
+    ours = ours_encoder(build_model(config, state), "exported", base.tokenizer, base.tokenizer_dir, 64, "cpu",
                         torch.float32)
     seqs = base.encode(texts, 32)
     assert torch.allclose(got, embed(ours.eval(), seqs), atol=1e-4)

@@ -216,7 +216,7 @@ def test_pppl_validation_metric_matches_the_saved_model(setup, tmp_path):
     from megatron_cmbert.data.pretrain_data import TokenDataset, split_ranges
     from megatron_cmbert.data.tokenizer import CLS_ID, MASK_ID, SEP_ID
     from megatron_cmbert.eval.pppl import evaluate_lengths, model_nll_fn, stream_from_prefix
-    from megatron_cmbert.hf.load import read_checkpoint, reference_model
+    from megatron_cmbert.checkpoint.reader import build_model, read_checkpoint
 
     root, common = setup
     args = dict(zip(common[::2], common[1::2]))
@@ -228,7 +228,7 @@ def test_pppl_validation_metric_matches_the_saved_model(setup, tmp_path):
     assert len(logged) == 1 and logged[0]["step"] == 6 and "valid_pppl_64" in logged[0]
 
     ck = read_checkpoint(str(tmp_path / "ck"))
-    model = reference_model(ck.config, ck.state_dict)
+    model = build_model(ck.config, ck.state_dict)
     prefix = args["--data-path"]
     valid = split_ranges(args["--split"], len(TokenDataset(prefix, check=False).lengths))[1]
     pool = stream_from_prefix(prefix, 2 * 64, doc_range=valid)

@@ -33,7 +33,7 @@ def test_defaults_are_the_dataclass_defaults():
 
 def test_help_comes_from_the_field_docstrings(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        pretrain.main(["--help"])
+        pretrain.run(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse re-wraps lines
     for phrase in ("Samples per optimizer step, all data-parallel ranks and accumulation steps together. (default 32)",

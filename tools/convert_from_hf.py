@@ -12,14 +12,14 @@ the checkpoint loads at any TP size whose padding is the same (every N dividing 
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import warnings
 from typing import Optional
 
+from megatron_cmbert.cli import ToolParser
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def parse_args(argv: Optional[list[str]] = None):
+    p = ToolParser(description=__doc__)
     p.add_argument("--hf", required=True, help="Hugging Face model directory (safetensors weights)")
     p.add_argument("--save", required=True, help="checkpoint directory to create")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
@@ -30,15 +30,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def run(argv: Optional[list[str]] = None) -> str:
+    """The checkpoint path written."""
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    # megatron-core calls a torch.distributed.checkpoint function that torch has deprecated: not about this run
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
     from megatron_cmbert.hf.importer import import_hf
-    from megatron_cmbert.hf.load import run_tool
 
-    return run_tool(lambda: import_hf(args.hf, args.save, args.tensor_model_parallel_size))
+    return import_hf(args.hf, args.save, args.tensor_model_parallel_size)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from megatron_cmbert.cli import run_tool
+
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

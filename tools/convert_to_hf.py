@@ -13,14 +13,14 @@ above 1e-4 the tool fails and writes nothing.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import warnings
 from typing import Optional
 
+from megatron_cmbert.cli import ToolParser
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def parse_args(argv: Optional[list[str]] = None):
+    p = ToolParser(description=__doc__)
     p.add_argument("--load", required=True, help="checkpoint: a --save directory or one iter_N directory")
     p.add_argument("--output", required=True, help="the Hugging Face model directory to create")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -33,16 +33,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def run(argv: Optional[list[str]] = None):
+    """The ExportReport (largest logit / embedding / ONNX differences)."""
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    # megatron-core calls a torch.distributed.checkpoint function that torch has deprecated: not about this run
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
     from megatron_cmbert.hf.export import export_checkpoint
-    from megatron_cmbert.hf.load import run_tool
 
-    return run_tool(lambda: export_checkpoint(args.load, args.output, dtype=args.dtype, onnx=args.onnx, force=args.force,
-                                              sentence_transformers=args.sentence_transformers))
+    return export_checkpoint(args.load, args.output, dtype=args.dtype, onnx=args.onnx, force=args.force,
+                             sentence_transformers=args.sentence_transformers)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from megatron_cmbert.cli import run_tool
+
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

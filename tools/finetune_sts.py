@@ -65,10 +65,11 @@ def save_model(encoder, out: str, max_length: int) -> None:
 
     if encoder.kind == "ours":
         from megatron_cmbert.hf.export import export_loaded
-        from megatron_cmbert.hf.load import Checkpoint
+        from megatron_cmbert.checkpoint import RunRecord, TrainState
+        from megatron_cmbert.checkpoint.reader import Checkpoint
 
-        ck = Checkpoint(path=encoder.name, config=encoder.config, args={"seq_length": max_length},
-                        train_state={"step": "contrastive fine-tuning"},
+        ck = Checkpoint(path=encoder.name, record=RunRecord(model=encoder.config, seq_length=max_length,
+                                                            stage="contrastive fine-tuning"), state=TrainState(),
                         state_dict={k: v.detach().float().cpu() for k, v in encoder.mlm.state_dict().items()},
                         tokenizer_dir=encoder.tokenizer_dir)
         export_loaded(ck, out, sentence_transformers=True, log=lambda *_: None)
@@ -119,7 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from megatron_cmbert.eval.encoders import EncoderError
     from megatron_cmbert.eval.report import run_quietly
     from megatron_cmbert.finetune.clue import ClueDataError
-    from megatron_cmbert.hf.load import ConversionError
+    from megatron_cmbert.hf import ConversionError
 
     errors = (EncoderError, ClueDataError, ConversionError, OSError)
     return 2 if run_quietly(run, parse_args(argv), errors) is None else 0

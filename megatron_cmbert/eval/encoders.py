@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_cmbert.model.padding import cu_seqlens_from_lengths
+from megatron_cmbert.checkpoint.records import CheckpointError
 from megatron_cmbert.errors import UserError
 from megatron_cmbert.kernels.registry import KernelChoice, KernelError, add_kernel_args
 
@@ -184,14 +185,14 @@ def resolve_kernels(kernels, device, dtype) -> KernelChoice:
 
 
 def _load_ours(load: str, device, dtype, kernels) -> Encoder:
-    from megatron_cmbert.hf.load import ConversionError, read_checkpoint, reference_model
+    from megatron_cmbert.checkpoint.reader import build_model, read_checkpoint
 
     choice = resolve_kernels(kernels, device, dtype)
     try:
         ck = read_checkpoint(load)
-    except ConversionError as exc:
+    except CheckpointError as exc:
         raise EncoderError(str(exc)) from exc
-    return ours_encoder(reference_model(ck.config, ck.state_dict, kernels=choice), load,
+    return ours_encoder(build_model(ck.config, ck.state_dict, kernels=choice), load,
                         wrap_tokenizer(ck.tokenizer_dir, ck.seq_length), ck.tokenizer_dir, ck.seq_length, device, dtype)
 
 

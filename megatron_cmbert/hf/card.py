@@ -5,6 +5,7 @@ import json
 import os
 
 from megatron_cmbert.model.config import count_parameters
+from megatron_cmbert.tokens import SPECIAL_TOKENS
 
 NOT_RECORDED = "not recorded"
 
@@ -31,14 +32,15 @@ def _metrics_file_values(args: dict) -> dict:
 
 
 def training_summary(ck) -> dict:
-    """steps, tokens seen, final train / valid loss: train_state first, then the metrics file."""
-    state, from_file = ck.train_state, _metrics_file_values(ck.args)
+    """steps, tokens seen, final train / valid loss: the TrainState first, then the metrics file."""
+    state, from_file = ck.state, _metrics_file_values(ck.args)
 
     def pick(key):
-        value = state.get(key)
-        return value if value is not None else from_file.get(key)
+        value = getattr(state, key)
+        return value if value else from_file.get(key, value)
 
-    return {"step": state.get("step"), "consumed_samples": state.get("consumed_samples"),
+    step = state.step if ck.record.stage is None else f"{state.step} ({ck.record.stage})"
+    return {"step": step, "consumed_samples": state.consumed_samples,
             "tokens_seen": pick("tokens_seen"), "train_loss": pick("train_loss"), "valid_loss": pick("valid_loss")}
 
 
@@ -111,7 +113,7 @@ def model_card(ck, report, dtype: str) -> str:
         "print(fill(\"北京是中国的[MASK]都。\"))",
         "```", "",
         f"Encoder only: `AutoModel.from_pretrained(PATH{trust})`. The tokenizer adds `[CLS] … [SEP]`; "
-        f"special ids `[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4`. Inputs beyond {ck.seq_length} tokens "
+        f"special ids {' '.join(f'`{t}={i}`' for i, t in enumerate(SPECIAL_TOKENS))}. Inputs beyond {ck.seq_length} tokens "
         "were never seen in training.",
     ]
     if report.embedding_diff is not None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_cmbert.hf.load import Checkpoint, ConversionError, read_checkpoint, reference_model
+from megatron_cmbert.checkpoint.reader import Checkpoint, build_model, read_checkpoint
+from megatron_cmbert.hf import ConversionError, ExportCheckError
 from megatron_cmbert.model.hf_keymap import hf_config_kwargs, modernbert_config_dict, to_hf
 from megatron_cmbert.tokens import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
 
@@ -130,7 +131,7 @@ def check_logits(ck: Checkpoint, out: str, dtype: str = "float32") -> float:
     from megatron_cmbert.model.padding import run_padded
 
     ids, mask = sample_batch(out, ck.seq_length)
-    ours = reference_model(ck.config, rounded_state(ck, dtype))
+    ours = build_model(ck.config, rounded_state(ck, dtype))
     hf = AutoModelForMaskedLM.from_pretrained(out, **load_kwargs(torch.float32, is_remote_code(ck.config))).eval()
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask).logits
@@ -147,7 +148,7 @@ def mean_pooled_embeddings(ck: Checkpoint, texts, dtype: str = "float32") -> tor
     from megatron_cmbert.model.padding import run_padded
 
     ids, mask = sample_batch(ck.tokenizer_dir, ck.seq_length, texts)
-    ours = reference_model(ck.config, rounded_state(ck, dtype))
+    ours = build_model(ck.config, rounded_state(ck, dtype))
     with torch.no_grad():
         hidden = run_padded(ours.model, ids, mask)
     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
@@ -171,7 +172,7 @@ def export_loaded(ck: Checkpoint, output: str, dtype: str = "float32", sentence_
     output = os.path.abspath(output)
     if ck.config.global_attn_every_n_layers == 0:
         raise ConversionError(f"{ck.path}: global_attn_every_n_layers=0 has no HF ModernBERT equivalent")
-    log(f"read {ck.path}: {ck.config.name} preset, {ck.config.normalization}, step {ck.train_state.get('step', '?')}")
+    log(f"read {ck.path}: {ck.config.name} preset, {ck.config.normalization}, step {ck.state.step}")
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
@@ -192,7 +193,7 @@ def _build(ck, tmp, output, dtype, sentence_transformers, onnx, log) -> ExportRe
     report = ExportReport(output=output, remote_code=is_remote_code(ck.config), max_logit_diff=check_logits(ck, tmp, dtype))
     log(f"parity: largest |logit difference| ours (packed) vs exported (padded batch) = {report.max_logit_diff:.3e}")
     if not report.max_logit_diff <= TOLERANCE:  # `not <=` also catches NaN
-        raise ConversionError(f"exported model disagrees with the checkpoint: largest logit difference "
+        raise ExportCheckError(f"exported model disagrees with the checkpoint: largest logit difference "
                               f"{report.max_logit_diff:.3e} > {TOLERANCE:g}; nothing written")
     if sentence_transformers:
         from megatron_cmbert.hf.sentence import check_sentence_transformers, write_sentence_transformers
@@ -201,7 +202,7 @@ def _build(ck, tmp, output, dtype, sentence_transformers, onnx, log) -> ExportRe
         report.embedding_diff = check_sentence_transformers(tmp, ck, dtype)
         log(f"sentence-transformers: largest |embedding difference| vs our mean pooling = {report.embedding_diff:.3e}")
         if not report.embedding_diff <= TOLERANCE:
-            raise ConversionError(f"sentence-transformers embeddings differ by {report.embedding_diff:.3e} "
+            raise ExportCheckError(f"sentence-transformers embeddings differ by {report.embedding_diff:.3e} "
                                   f"> {TOLERANCE:g}; nothing written")
     if onnx:
         from megatron_cmbert.hf.onnx_export import export_onnx
@@ -209,7 +210,7 @@ def _build(ck, tmp, output, dtype, sentence_transformers, onnx, log) -> ExportRe
         report.onnx_diff = export_onnx(tmp, ck, log=log)
         log(f"onnx: largest |hidden-state difference| onnxruntime vs PyTorch = {report.onnx_diff:.3e}")
         if not report.onnx_diff <= TOLERANCE:
-            raise ConversionError(f"ONNX graph differs from PyTorch by {report.onnx_diff:.3e} > {TOLERANCE:g}; "
+            raise ExportCheckError(f"ONNX graph differs from PyTorch by {report.onnx_diff:.3e} > {TOLERANCE:g}; "
                                   f"nothing written")
     with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
         fh.write(card.model_card(ck, report, dtype))

@@ -7,14 +7,14 @@ exports say so in config.json). The checkpoint is written by the training code's
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import tempfile
 
 
-from megatron_cmbert.hf.load import ConversionError
+from megatron_cmbert.checkpoint.records import RunRecord, TrainState
+from megatron_cmbert.hf import ConversionError
 from megatron_cmbert.parallel.world import single_process_group
 from megatron_cmbert.model.config import ModelConfig
 from megatron_cmbert.model.hf_keymap import expected_hf_keys, from_hf, model_config_from_hf
@@ -67,7 +67,8 @@ def import_hf(hf_dir: str, save: str, tensor_parallel_size: int = 1, log=print) 
     """Write `save/iter_0000000` (+ latest marker, config.json, tokenizer/); returns the checkpoint path."""
     from megatron_cmbert.model import CMBertForMaskedLM
     from megatron_cmbert.parallel import cpu_shim
-    from megatron_cmbert.training.checkpoint import Ranks, save_checkpoint
+    from megatron_cmbert.checkpoint.store import save_checkpoint
+    from megatron_cmbert.parallel.world import Ranks
 
     cpu_shim.install()  # the checkpoint writer synchronises CUDA, absent on CPU machines
 
@@ -83,11 +84,8 @@ def import_hf(hf_dir: str, save: str, tensor_parallel_size: int = 1, log=print) 
         f"vocabulary {config.vocab_size}")
     model = CMBertForMaskedLM(config, _PaddedSpec(tensor_parallel_size))
     model.load_state_dict(from_hf(hf_state, config, tensor_parallel_size), strict=True)
-    seq_length = config.max_position_embeddings
-    meta = {"model": dataclasses.asdict(config),
-            "args": {"seq_length": seq_length, "tensor_model_parallel_size": tensor_parallel_size,
-                     "converted_from": os.path.abspath(hf_dir)}}
-    train_state = {"step": 0, "consumed_samples": 0, "tokens_seen": 0, "train_loss": None, "valid_loss": None}
+    record = RunRecord(model=config, seq_length=config.max_position_embeddings,
+                       tensor_model_parallel_size=tensor_parallel_size, converted_from=os.path.abspath(hf_dir))
     os.makedirs(os.path.dirname(save), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(save)}.tmp-", dir=os.path.dirname(save))
     try:
@@ -100,8 +98,8 @@ def import_hf(hf_dir: str, save: str, tensor_parallel_size: int = 1, log=print) 
             raise ConversionError(f"{os.path.join(hf_dir, 'tokenizer.json')}: missing (the checkpoint carries its tokenizer)")
         ckpt_dir = os.path.join(tmp, "ckpt")
         with single_process_group():
-            path = save_checkpoint(ckpt_dir, 0, model, None, Ranks(0, 1, 0, 0, 1), train_state,
-                                   extra_files={"config.json": meta}, tokenizer_dir=tok)
+            path = save_checkpoint(ckpt_dir, 0, model, None, Ranks(0, 1, 0, 0, 1), TrainState(), record,
+                                   tokenizer_dir=tok)
         os.replace(ckpt_dir, save)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,11 +1,53 @@
-"""A process group for one process: what a plain `python tools/...` run needs, since megatron-core's
-dist_checkpointing (and its parallel state) only work inside an initialised torch.distributed world."""
+"""The world a process runs in: its rank numbers, the process group, and the one-process world that a plain
+`python tools/...` run needs (megatron-core's dist_checkpointing and parallel state only work inside an
+initialised torch.distributed world).
+
+    World.from_env()              the ranks torchrun (or a plain run: a world of one) will start, no group yet
+    init_distributed(tp, seed)    the process group and megatron-core's model-parallel state -> (Ranks, device)
+    single_process_group()        a gloo world of one for the duration of a block
+"""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """What the launcher says before any process group exists."""
+
+    size: int
+    rank: int
+    local_rank: int
+    local_size: int
+
+    @classmethod
+    def from_env(cls) -> "World":
+        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; a world of one without them."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(size=size, rank=int(os.environ.get("RANK", "0")),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   local_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(size))))
+
+    def device(self) -> torch.device:
+        """The device this rank computes on: its local GPU when there is one, else the CPU."""
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the parallel layout."""
+
+    tp_rank: int
+    tp_size: int
+    dp_rank: int
+    rank: int
+    world: int
 
 
 def free_port() -> int:
@@ -13,6 +55,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_distributed(tp: int, seed: int) -> tuple[Ranks, torch.device]:
+    """The process group (torchrun's, or a one-process one for a plain run) and megatron-core's model-parallel
+    state for tensor-parallel size `tp`; every rank seeds the same generator (the model's CPU init is
+    TP-invariant)."""
+    from megatron.core import parallel_state
+
+    from megatron_cmbert.parallel import cpu_shim
+
+    if "RANK" not in os.environ:  # plain `python tools/pretrain.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    device = World.from_env().device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    world = dist.get_world_size()
+    if world % tp:  # resolve_run checks this before any rank starts; kept for library callers
+        raise ValueError(f"world size {world} is not a multiple of tensor-parallel size {tp}")
+    cpu_shim.install()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    torch.manual_seed(seed)
+    ranks = Ranks(tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
+                  dp_rank=parallel_state.get_data_parallel_rank(), rank=dist.get_rank(), world=world)
+    return ranks, device
 
 
 @contextlib.contextmanager

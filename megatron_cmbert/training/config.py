@@ -1,8 +1,8 @@
 """The training configuration: one tree of frozen dataclasses, and the command line generated from it.
 
     TrainConfig
-    ├── model       ModelOverrides   --preset, and every ModelConfig field (None = the preset's value)
-    ├── parallel    ParallelConfig   TP size, sequence parallelism, bf16, linear/attention implementations
+    ├── model       ModelOverrides   --preset, and every ModelConfig field (None = the preset's value), --kernels
+    ├── parallel    ParallelConfig   TP size, sequence parallelism, bf16, linear implementation
     ├── data        DataConfig       tokenizer, datasets, split, lengths, batch sizes, masking
     ├── optimizer   OptimizerConfig  StableAdamW and clipping
     ├── schedule    ScheduleConfig   LR and masking-rate curves (training/schedules.py)
@@ -14,12 +14,12 @@ The flags are generated from the fields by megatron_cmbert/cli.py (`add_dataclas
 field name with '-' for '_', the help its docstring); field names are unique across the tree, so a flat
 argparse namespace maps back onto it (`TrainConfig.from_namespace`).
 Validation lives in each `__post_init__`; its errors reach the caller as `ConfigError` (a ValueError).
+This module is pure data: the checks against the filesystem and the world are training/run.py's resolve_run.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -301,70 +301,3 @@ class TrainConfig:
             else:
                 lines.append(f"  {f.name}: {value}")
         return "config:\n" + "\n".join(lines)
-
-
-# ---- rules that compare the configuration with the checkpoints on disk (no process group needed) ---------
-class ResumeError(ConfigError):
-    """A resume that would not continue the run its checkpoint holds."""
-
-
-def check_resume(train_state: dict, cfg: TrainConfig, path: str) -> None:
-    """Resuming from `path` (its saved train_state) with `cfg` continues the same run: same global batch,
-    same schedule (unless --override-schedule), and not past --train-iters."""
-    gbs = train_state.get("global_batch_size")
-    if gbs is not None and gbs != cfg.data.global_batch_size:
-        raise ResumeError(f"{path} was trained with --global-batch-size {gbs}, not {cfg.data.global_batch_size}; "
-                          f"resuming needs the same value (--finetune starts a new stage instead)")
-    saved = train_state.get("schedule")
-    if saved is not None and not cfg.checkpoint.override_schedule:
-        now = dataclasses.asdict(cfg.schedule)
-        # fields the checkpoint predates are not compared (a later default must not block old resumes)
-        changed = [f"{flag_name(k)} {now[k]} (checkpoint: {saved[k]})" for k in now if k in saved and saved[k] != now[k]]
-        if changed:
-            raise ResumeError(f"{path} was trained with another schedule: {', '.join(changed)}; the LR and masking "
-                              f"curves would change mid-run; pass --override-schedule to accept that")
-    step = train_state.get("step", 0)
-    if step > cfg.schedule.train_iters:
-        raise ResumeError(f"{path} is at step {step}, beyond --train-iters {cfg.schedule.train_iters}")
-
-
-def check_checkpoint_dirs(cfg: TrainConfig) -> None:
-    """The --load/--save/--overwrite rules, from the filesystem alone (see docs/TRAINING.md):
-    --load must hold a checkpoint; a resume must match it (check_resume); and --save must not hold
-    checkpoints after the step this run starts from (it would overwrite them, and move the "latest" marker
-    backwards) unless --overwrite, or unless it is the directory being resumed."""
-    from megatron_cmbert.training.checkpoint import (CheckpointError, NoCheckpointError, list_checkpoints,
-                                                     read_train_state, resolve_load)
-
-    ck = cfg.checkpoint
-    start = 0
-    if ck.load:
-        try:
-            candidates = resolve_load(ck.load)
-        except NoCheckpointError as exc:
-            raise ConfigError(f"--load {exc} (--load resumes a run; a new run does not pass it)") from None
-        if not ck.finetune:
-            error = None
-            for path in candidates:  # the newest whose state reads; loading falls back the same way
-                try:
-                    state = read_train_state(path)
-                except CheckpointError as exc:
-                    error = exc
-                    continue
-                check_resume(state, cfg, path)
-                start = state.get("step", 0)
-                break
-            else:
-                raise error
-    if not ck.save or ck.overwrite:
-        return
-    resuming_own = ck.load and not ck.finetune and os.path.abspath(ck.load) == os.path.abspath(ck.save)
-    later = [path for step, path in list_checkpoints(ck.save) if step > start]
-    if later and not resuming_own:
-        if not ck.load:
-            raise ConfigError(f"--save {ck.save} already holds checkpoints (newest {os.path.basename(later[-1])}): "
-                              f"resume that run with --load {ck.save}, or pass --overwrite to start over (its "
-                              f"checkpoints are deleted at the first save)")
-        raise ConfigError(f"--save {ck.save} holds checkpoints after step {start} (newest "
-                          f"{os.path.basename(later[-1])}) that this run would overwrite; pass --overwrite to "
-                          f"replace them")

@@ -155,6 +155,34 @@ class StableAdamW(torch.optim.Optimizer):
         self.tp_group = tp_group
         self.stats: dict = {}
 
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def checkpoint_state(self, names: dict) -> tuple[dict, dict]:
+        """What a checkpoint stores of this optimizer (checkpoint/store.py knows nothing of its internals):
+        tensors {key: (tensor, parameter)} shaped like their parameter (sharded like it), and common state
+        {key: value}, identical on every rank. `names`: parameter -> its name in the model. Parameters
+        without state yet get zero moments at step 0, so a load has tensors to fill."""
+        tensors, steps = {}, {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                for key in self.MOMENTS:
+                    tensors[f"optimizer.{names[p]}.{key}"] = (state[key], p)
+                steps[names[p]] = state["step"]
+        return tensors, {"optimizer_steps": steps}
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, names: dict, loaded: dict) -> None:
+        """Fill this optimizer from a loaded checkpoint (the keys checkpoint_state wrote)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                for key in self.MOMENTS:
+                    state[key].copy_(loaded[f"optimizer.{names[p]}.{key}"])
+                state["step"] = loaded["optimizer_steps"][names[p]]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -1,6 +1,8 @@
 """The pretraining loop: TP x DP on megatron-core, gradient accumulation, StableAdamW, schedules, logging,
-evaluation, exact-resume checkpoints and clean stops. Configured by a TrainConfig (training/config.py),
-launched by tools/pretrain.py (torchrun).
+evaluation, exact-resume checkpoints and clean stops. Built from a resolved Run (training/run.py: the
+configuration, checked, with the model it names), launched by tools/pretrain.py (torchrun). The loop is
+layout-agnostic: building the model, data-parallel wrapping, finishing gradients and summing statistics
+over replicas are the ParallelLayout's (parallel/layout.py).
 
     for micro_batches in loader:            # whole steps (data/pretrain_data.step_loader)
         stats = self.train_step(...)        # forward/backward per micro-batch, DDP reduction, clip, update
@@ -22,55 +24,35 @@ import contextlib
 import dataclasses
 import math
 import os
-import shutil
 import sys
+from functools import partial
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from megatron_cmbert.checkpoint.records import RunRecord, TrainState
+from megatron_cmbert.checkpoint.store import delete_after, load_latest, save_checkpoint
 from megatron_cmbert.data.masking import IGNORE_INDEX, MaskingConfig
 from megatron_cmbert.data.pretrain_data import MicroBatchSchedule, PretrainSamples, StepSchedule, step_loader
 from megatron_cmbert.data.tokenizer import CLS_ID, MASK_ID, SEP_ID, load_tokenizer
-from megatron_cmbert.training.checkpoint import Ranks, list_checkpoints, load_latest, save_checkpoint
-from megatron_cmbert.training.config import ConfigError, OptimizerConfig, TrainConfig, check_resume
+from megatron_cmbert.errors import ToolFailure
+from megatron_cmbert.parallel.layout import ParallelLayout
+from megatron_cmbert.training.config import OptimizerConfig
 from megatron_cmbert.training.meter import ThroughputMeter
 from megatron_cmbert.training.metrics import MetricsLog
 from megatron_cmbert.training.optimizer import StableAdamW, clip_grad_norm, param_groups
 from megatron_cmbert.training.preemption import StopSignal
+from megatron_cmbert.training.run import Run, check_resume
 from megatron_cmbert.training.schedules import apply_lr, mask_rate_at
-from megatron_cmbert.errors import ToolFailure
 
 
 class NonFiniteLossError(ToolFailure, RuntimeError):
     """A step's gradient norm is not finite (and --skip-nan-steps was not given)."""
 
 
-def setup_distributed(tp: int, seed: int) -> tuple[Ranks, torch.device]:
-    """Process group (torchrun's, or a one-process one), megatron-core model parallel state."""
-    from megatron.core import parallel_state
-
-    from megatron_cmbert.parallel import cpu_shim
-    from megatron_cmbert.parallel.world import free_port
-
-    if "RANK" not in os.environ:  # plain `python tools/pretrain.py`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    world = dist.get_world_size()
-    if world % tp:  # tools/pretrain.py checks this before any rank starts; kept for library callers
-        raise ConfigError(f"world size {world} is not a multiple of --tensor-model-parallel-size {tp}")
-    cpu_shim.install()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    torch.manual_seed(seed)  # same seed everywhere: the model's CPU init is TP-invariant
-    ranks = Ranks(tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
-                  dp_rank=parallel_state.get_data_parallel_rank(), rank=dist.get_rank(), world=world)
-    return ranks, device
+def _constant(rate: float, step: int) -> float:
+    """The validation masking rate at any step (module level: loader workers pickle it)."""
+    return rate
 
 
 def build_optimizer(model, opt: OptimizerConfig, lr: float, tp_group=None) -> StableAdamW:
@@ -80,21 +62,15 @@ def build_optimizer(model, opt: OptimizerConfig, lr: float, tp_group=None) -> St
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_config):
-        from megatron.core import parallel_state
-
-        from megatron_cmbert.parallel.data_parallel import data_parallel
-        from megatron_cmbert.parallel.layer_spec import build_masked_lm
-
-        self.cfg, self.config, self.schedule = cfg, model_config, cfg.schedule
+    def __init__(self, run: Run):
+        cfg = run.cfg
+        self.run_spec, self.cfg, self.config, self.schedule = run, cfg, run.model, cfg.schedule
         par = cfg.parallel
-        self.ranks, self.device = setup_distributed(par.tensor_model_parallel_size, cfg.seed)
-        self.tp_group = parallel_state.get_tensor_model_parallel_group() if par.tensor_model_parallel_size > 1 else None
-        self.dp_group = parallel_state.get_data_parallel_group()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.model = build_masked_lm(model_config, transformer_impl=par.transformer_impl,
-                                     sequence_parallel=par.sequence_parallel).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule.lr, self.tp_group)
+        self.parallel = ParallelLayout(par.tensor_model_parallel_size, par.sequence_parallel, par.transformer_impl,
+                                       cfg.seed)
+        self.ranks, self.device = self.parallel.ranks, self.parallel.device
+        self.model = self.parallel.build_model(run.model)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule.lr, self.parallel.tp_group)
         self.step = self.consumed_samples = self.tokens_seen = 0
         self.train_loss: Optional[float] = None
         self.valid_loss: Optional[float] = None
@@ -103,12 +79,13 @@ class Trainer:
         self._load()
         self.start_step = self.step
         self._clear_later_checkpoints = cfg.checkpoint.overwrite
-        self.dp_model = data_parallel(self.model, self.dp_group)  # after loading: replicas start equal
+        self.dp_model = self.parallel.data_parallel(self.model)  # after loading: replicas start equal
+        self.dp_size = self.parallel.dp_size
         self.metrics = MetricsLog(self.ranks.rank, cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
                                   resume_step=self.step)
         self._build_data()
         dtype = torch.bfloat16 if par.bf16 else torch.float32
-        self.meter = ThroughputMeter(model_config, self.device, dtype, self.ranks.world)
+        self.meter = ThroughputMeter(run.model, self.device, dtype, self.ranks.world)
 
     def _build_data(self) -> None:
         data, gbs = self.cfg.data, self.cfg.data.global_batch_size
@@ -173,39 +150,30 @@ class Trainer:
         if ck.finetune:
             self._print(f"loaded weights from {path} (--finetune: step, optimizer and data restart)")
             return
-        check_resume(state, self.cfg, path)  # the one that loaded (tools/pretrain.py checked the newest)
-        self.step, self.consumed_samples = state["step"], state["consumed_samples"]
-        self.tokens_seen = state.get("tokens_seen", 0)
-        self.train_loss, self.valid_loss = state.get("train_loss"), state.get("valid_loss")
+        check_resume(state, self.cfg, path)  # the one that loaded (resolve_run checked the newest)
+        self.step, self.consumed_samples, self.tokens_seen = state.step, state.consumed_samples, state.tokens_seen
+        self.train_loss, self.valid_loss = state.train_loss, state.valid_loss
         if ck.save and os.path.abspath(os.path.dirname(path)) == os.path.abspath(ck.save):
             self.saved_step = self.step
         self._print(f"resumed from {path} at step {self.step} ({self.consumed_samples:,} samples consumed)")
 
-    def train_state(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.consumed_samples,
-                "global_batch_size": self.cfg.data.global_batch_size, "seed": self.cfg.seed,
-                "tokens_seen": self.tokens_seen, "train_loss": self.train_loss, "valid_loss": self.valid_loss,
-                "schedule": dataclasses.asdict(self.schedule)}
+    def train_state(self) -> TrainState:
+        return TrainState(step=self.step, consumed_samples=self.consumed_samples,
+                          global_batch_size=self.cfg.data.global_batch_size, seed=self.cfg.seed,
+                          tokens_seen=self.tokens_seen, train_loss=self.train_loss, valid_loss=self.valid_loss,
+                          schedule=dataclasses.asdict(self.schedule))
 
-    def _clear_overwritten(self, save_dir: str) -> None:
-        """--overwrite: before this run's first save, delete the checkpoints it replaces (every one after
-        the step it started from), so the directory never mixes two runs."""
-        self._clear_later_checkpoints = False
-        if self.ranks.rank == 0:
-            for step, path in list_checkpoints(save_dir):
-                if step > self.start_step:
-                    shutil.rmtree(path)
-                    self._print(f"--overwrite: deleted {path}")
-        dist.barrier()
+    def run_record(self) -> RunRecord:
+        return RunRecord(model=self.config, seq_length=self.cfg.data.seq_length,
+                         tensor_model_parallel_size=self.ranks.tp_size, train=self.cfg.to_dict(), args=self.cfg.flat())
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
-        if self._clear_later_checkpoints:
-            self._clear_overwritten(ck.save)
-        config = {"model": dataclasses.asdict(self.config), "train": self.cfg.to_dict(), "args": self.cfg.flat()}
+        if self._clear_later_checkpoints:  # --overwrite: before this run's first save, so no mix of two runs
+            self._clear_later_checkpoints = False
+            delete_after(ck.save, self.start_step, self.ranks, log=self._print)
         path = save_checkpoint(ck.save, self.step, self.model, self.optimizer, self.ranks, self.train_state(),
-                               extra_files={"config.json": config}, tokenizer_dir=self.cfg.data.tokenizer_model,
-                               keep_last=ck.keep_last)
+                               self.run_record(), tokenizer_dir=self.cfg.data.tokenizer_model, keep_last=ck.keep_last)
         self.saved_step = self.step
         self._print(f"saved checkpoint {path}")
 
@@ -217,25 +185,15 @@ class Trainer:
             out = model(mb.input_ids.to(dev), mb.cu_seqlens.to(dev), mb.max_seqlen, labels=mb.labels.to(dev))
         return out.loss.float() * out.num_predicted, out.num_correct, out.num_predicted
 
-    def _dp_sum(self, values) -> list:
-        """Sum over data parallelism (one all-reduce) and bring the values to the host."""
-        t = torch.stack(values).double() if isinstance(values[0], torch.Tensor) else \
-            torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.dp_size > 1:
-            dist.all_reduce(t, group=self.dp_group)
-        return t.tolist()
-
     def train_step(self, micro_batches) -> dict:
         """One optimizer step over this rank's micro-batches. The loss/accuracy sums are left on the
         device (reduce them with `step_metrics` when logging)."""
-        from megatron_cmbert.parallel.sharding import allreduce_sequence_parallel_grads
-
         self.model.train()
         for p in self.model.parameters():
             p.grad = None
         local_predicted = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)
         local_tokens = sum(mb.input_ids.numel() for mb in micro_batches)
-        global_predicted, global_tokens = self._dp_sum([local_predicted, local_tokens])
+        global_predicted, global_tokens = self.parallel.dp_sum([local_predicted, local_tokens])
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, mb in enumerate(micro_batches):
@@ -246,10 +204,9 @@ class Trainer:
                 (ls / max(global_predicted, 1.0)).backward()
             loss_sum += ls.detach().double()
             correct += c.double()
-        if self.cfg.parallel.sequence_parallel:
-            allreduce_sequence_parallel_grads(self.model)
+        self.parallel.finish_grads(self.model)
         opt = self.cfg.optimizer
-        grad_norm = clip_grad_norm(self.model.parameters(), opt.clip_grad, self.tp_group).item()
+        grad_norm = clip_grad_norm(self.model.parameters(), opt.clip_grad, self.parallel.tp_group).item()
         lr = apply_lr(self.optimizer, self.step, self.schedule)
         finite = math.isfinite(grad_norm)  # a non-finite loss on any rank makes every gradient non-finite
         if finite:
@@ -263,7 +220,7 @@ class Trainer:
 
     def step_metrics(self, stats: dict) -> dict:
         """The logged row of a step: its loss and accuracy reduced over DP (one all-reduce, one sync)."""
-        loss_sum, correct = self._dp_sum([stats["loss_sum"], stats["correct"]])
+        loss_sum, correct = self.parallel.dp_sum([stats["loss_sum"], stats["correct"]])
         n = max(stats["predicted"], 1.0)
         return {"step": self.step, "loss": loss_sum / n, "accuracy": correct / n, "lr": stats["lr"],
                 "mask_rate": stats["mask_rate"], "grad_norm": stats["grad_norm"], "skipped": stats["skipped"]}
@@ -275,14 +232,14 @@ class Trainer:
         self.model.eval()
         data = self.cfg.data
         schedule = MicroBatchSchedule(self.valid_data, data.global_batch_size, data.micro_batch_size,
-                                      self.dp_size, self.ranks.dp_rank, lambda step: data.eval_mask_rate)
+                                      self.dp_size, self.ranks.dp_rank, partial(_constant, data.eval_mask_rate))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         predicted = 0
         for k in range(len(schedule)):
             ls, _, n = self._forward(self.model, schedule[k])
             loss_sum += ls.double()
             predicted += int(n)
-        loss_sum, predicted = self._dp_sum([loss_sum, torch.tensor(float(predicted), device=self.device)])
+        loss_sum, predicted = self.parallel.dp_sum([loss_sum, torch.tensor(float(predicted), device=self.device)])
         return loss_sum / max(predicted, 1.0)
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -291,7 +248,7 @@ class Trainer:
         cfg, data = self.cfg, self.cfg.data
         log, ck, total = cfg.logging, cfg.checkpoint, self.schedule.train_iters
         loader = step_loader(StepSchedule(self.train_data, data.global_batch_size, data.micro_batch_size,
-                                          self.dp_size, self.ranks.dp_rank, lambda s: mask_rate_at(s, self.schedule),
+                                          self.dp_size, self.ranks.dp_rank, partial(mask_rate_at, cfg=self.schedule),
                                           first_step=self.step, num_steps=total - self.step), data.num_workers)
         if self.step >= total:
             self._print(f"nothing to do: step {self.step} is --train-iters {total}")

@@ -24,7 +24,9 @@ def main():
     from megatron_cmbert.model import get_preset
     from megatron_cmbert.parallel import cpu_shim
     from megatron_cmbert.parallel.layer_spec import build_masked_lm
-    from megatron_cmbert.training import checkpoint as ckpt
+    from megatron_cmbert.checkpoint import store as ckpt
+    from megatron_cmbert.checkpoint.records import RunRecord, TrainState
+    from megatron_cmbert.parallel.world import Ranks
     from megatron_cmbert.training.optimizer import StableAdamW
 
     faulthandler.dump_traceback_later(150, exit=True)  # a hang shows where, then fails the launch
@@ -32,8 +34,8 @@ def main():
     cpu_shim.install()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     rank = dist.get_rank()
-    ranks = ckpt.Ranks(tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=2, dp_rank=0,
-                       rank=rank, world=2)
+    ranks = Ranks(tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=2, dp_rank=0,
+                  rank=rank, world=2)
 
     def build(seed):
         torch.manual_seed(seed)
@@ -50,7 +52,8 @@ def main():
             p.grad = torch.randn_like(p)
         optimizer.step()
         held[step] = [p.detach().clone() for p in model.parameters()]
-        ckpt.save_checkpoint(save, step, model, optimizer, ranks, {"step": step})
+        ckpt.save_checkpoint(save, step, model, optimizer, ranks, TrainState(step=step),
+                             RunRecord(model=get_preset("tiny"), seq_length=64))
     newest = os.path.join(save, "iter_0000010")
 
     loading = {"newest": False}  # set while iter_10 is being loaded (the read and fill see no path)
@@ -77,7 +80,7 @@ def main():
         fresh, fresh_opt = build(1)
         path, state = ckpt.load_latest(save, fresh, fresh_opt, ranks, warn=warnings.append)
         setattr(owner, name, real)
-        assert path == os.path.join(save, "iter_0000005") and state == {"step": 5}, (rank, name, path)
+        assert path == os.path.join(save, "iter_0000005") and state == TrainState(step=5), (rank, name, path)
         assert len(warnings) == 1 and f"{name} failed (injected on rank 1)" in warnings[0], (rank, warnings)
         for p, want in zip(fresh.parameters(), held[5]):
             assert torch.equal(p, want), (rank, name)

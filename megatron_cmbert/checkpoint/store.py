@@ -17,9 +17,14 @@ What a checkpoint holds (torch_dist format, megatron-core 0.16): ``metadata.json
 ``.metadata`` (torch.distributed.checkpoint ``Metadata``, pickled: ``storage_data`` maps every stored item
 to a data file, a byte offset and a length), the data files ``__R_K.distcp`` it names, ``common.pt`` (the
 non-tensor state: ``train_state``, optimizer step counts, world size; a torch.save'd dict), and
-``config.json`` / ``tokenizer/`` from the trainer. ``verify_checkpoint`` checks all of that from the
-filesystem alone (no collectives, same answer on every rank), so a damaged checkpoint is named before the
-collective load starts; failures are ``CheckpointError`` with one line naming the file and the reason.
+``config.json`` (a RunRecord, checkpoint/records.py) / ``tokenizer/``. ``verify_checkpoint`` checks all of
+that from the filesystem alone (no collectives, same answer on every rank), so a damaged checkpoint is named
+before the collective load starts; failures are ``CheckpointError`` with one line naming the file and the
+reason.
+
+What is stored is generic: the model's parameters by name, and whatever the optimizer hands over through
+``checkpoint_state(names)`` / ``load_checkpoint_state(names, loaded)`` (tensors shaped like a parameter are
+sharded like it; the rest is common state), so this module knows nothing of any optimizer's internals.
 """
 from __future__ import annotations
 
@@ -28,35 +33,18 @@ import os
 import pickle
 import re
 import shutil
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_cmbert.errors import UserError
+from megatron_cmbert.checkpoint.records import CheckpointError, NoCheckpointError, RunRecord, TrainState
+from megatron_cmbert.parallel.world import Ranks
 
 LATEST = "latest_checkpointed_iteration.txt"
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file (FileSystemWriter's name for it)
 COMMON = "common.pt"        # megatron-core's non-sharded state (dist_checkpointing.strategies.common)
 _ITER = re.compile(r"iter_(\d+)")
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used; the message (one line) names the file and what is wrong."""
-
-
-class NoCheckpointError(CheckpointError):
-    """A directory holds no complete checkpoint."""
-
-
-@dataclass(frozen=True)
-class Ranks:
-    tp_rank: int
-    tp_size: int
-    dp_rank: int
-    rank: int
-    world: int
 
 
 def _sharded(key: str, tensor: torch.Tensor, param, ranks: Ranks):
@@ -68,18 +56,7 @@ def _sharded(key: str, tensor: torch.Tensor, param, ranks: Ranks):
     return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(ranks.tp_rank, ranks.dp_rank))
 
 
-def _ensure_optimizer_state(optimizer) -> None:
-    """Loading needs the moment tensors to exist: create them as zeros (step 0) where missing."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-
-
-def sharded_state_dict(model, optimizer, ranks: Ranks, train_state: Optional[dict] = None) -> dict:
+def sharded_state_dict(model, optimizer, ranks: Ranks, train_state: Optional[TrainState] = None) -> dict:
     """The dict handed to dist_checkpointing.save / load (tensors are the live ones: load fills them)."""
     from megatron.core.dist_checkpointing import ShardedObject
 
@@ -89,15 +66,10 @@ def sharded_state_dict(model, optimizer, ranks: Ranks, train_state: Optional[dic
         names[p] = name
         state[f"model.{name}"] = _sharded(f"model.{name}", p.data, p, ranks)
     if optimizer is not None:
-        _ensure_optimizer_state(optimizer)
-        steps = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                s = optimizer.state[p]
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[f"optimizer.{names[p]}.{key}"] = _sharded(f"optimizer.{names[p]}.{key}", s[key], p, ranks)
-                steps[names[p]] = s["step"]
-        state["optimizer_steps"] = steps  # common (rank 0) state: identical on every rank
+        tensors, common = optimizer.checkpoint_state(names)
+        for key, (tensor, param) in tensors.items():
+            state[key] = _sharded(key, tensor, param, ranks)
+        state.update(common)  # common (rank 0) state: identical on every rank
     # RNG states per rank, restored when the world size is unchanged. Today nothing draws from them after
     # initialisation (no dropout; masks use per-sample generators); kept so that adding dropout cannot
     # silently break exact resume.
@@ -105,7 +77,7 @@ def sharded_state_dict(model, optimizer, ranks: Ranks, train_state: Optional[dic
     state["rng"] = ShardedObject("rng", rng, (ranks.world,), (ranks.rank,), replica_id=0)
     state["world_size"] = ranks.world
     if train_state is not None:
-        state["train_state"] = train_state
+        state["train_state"] = train_state.to_json()
     return state
 
 
@@ -283,28 +255,29 @@ def verify_checkpoint(path: str) -> None:
             raise CheckpointError(f"{file}: missing (listed in {DCP_METADATA})") from None
         if size < end:
             raise CheckpointError(f"{file}: truncated ({size:,} bytes; {DCP_METADATA} needs {end:,})")
-    _read_common(path)
+    common = _read_common(path)
+    if "train_state" in common:
+        TrainState.from_json(common["train_state"], f"{os.path.join(path, COMMON)} train_state")
     if os.path.exists(os.path.join(path, "config.json")):
-        read_checkpoint_config(path)
+        read_run_record(path)
     tokenizer = os.path.join(path, "tokenizer")
     if os.path.isdir(tokenizer):
         _read_json(os.path.join(tokenizer, "tokenizer.json"), "tokenizer")
 
 
-def read_checkpoint_config(path: str) -> dict:
-    """The checkpoint's config.json (model config, train config, flags) as written by the trainer."""
-    config = _read_json(os.path.join(path, "config.json"), "the run's configuration")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: holds a {type(config).__name__}, expected an object")
-    return config
+def read_run_record(path: str) -> RunRecord:
+    """The checkpoint's config.json (what was trained, and how), any version."""
+    file = os.path.join(path, "config.json")
+    return RunRecord.from_json(_read_json(file, "the run's configuration"), file)
 
 
-def read_train_state(path: str) -> dict:
-    """The train_state saved with the checkpoint (step, consumed samples, ...), read without a model."""
+def read_train_state(path: str) -> TrainState:
+    """The TrainState saved with the checkpoint (step, consumed samples, ...), read without a model."""
     state = _read_common(path).get("train_state")
-    if not isinstance(state, dict):
+    where = f"{os.path.join(path, COMMON)} train_state"
+    if state is None:
         raise CheckpointError(f"{os.path.join(path, COMMON)}: holds no train_state")
-    return dict(state)
+    return TrainState.from_json(state, where)
 
 
 # -- save ----------------------------------------------------------------------------------------------------
@@ -320,12 +293,22 @@ def _delete_older(save_dir: str, step: int, keep_last: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, train_state: dict,
-                    extra_files: Optional[dict] = None, tokenizer_dir: Optional[str] = None,
-                    keep_last: int = 0) -> str:
-    """Write ``save_dir/iter_{step}`` atomically (see module docstring); returns its path. With
-    ``keep_last`` > 0, older complete checkpoints beyond the newest ``keep_last`` are deleted once the new
-    one and the marker are in place (nothing is deleted when the save fails)."""
+def delete_after(save_dir: str, step: int, ranks: Ranks, log=print) -> None:
+    """Delete every complete checkpoint of ``save_dir`` after ``step`` (rank 0; every rank waits): what
+    --overwrite does before a run's first save, so the directory never mixes two runs."""
+    if ranks.rank == 0:
+        for s, path in list_checkpoints(save_dir):
+            if s > step:
+                shutil.rmtree(path)
+                log(f"--overwrite: deleted {path}")
+    _barrier()
+
+
+def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, train_state: TrainState,
+                    record: RunRecord, tokenizer_dir: Optional[str] = None, keep_last: int = 0) -> str:
+    """Write ``save_dir/iter_{step}`` atomically (see module docstring); returns its path. ``record`` becomes
+    its config.json. With ``keep_last`` > 0, older complete checkpoints beyond the newest ``keep_last`` are
+    deleted once the new one and the marker are in place (nothing is deleted when the save fails)."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(save_dir, f"iter_{step:07d}")
@@ -336,9 +319,8 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, tr
     _barrier()
     dist_checkpointing.save(sharded_state_dict(model, optimizer, ranks, train_state), tmp)
     if ranks.rank == 0:
-        for name, content in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
-                json.dump(content, fh, indent=2, ensure_ascii=False)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(record.to_json(), fh, indent=2, ensure_ascii=False)
         if tokenizer_dir:
             shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
     _barrier()
@@ -368,21 +350,15 @@ def _request(path: str, model, optimizer, ranks: Ranks) -> tuple[dict, bool]:
     return request, same_world
 
 
-def _fill(loaded: dict, model, optimizer, same_world: bool) -> dict:
+def _fill(path: str, loaded: dict, model, optimizer, same_world: bool) -> TrainState:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(loaded[f"model.{name}"])
         if optimizer is not None:
-            names = {p: n for n, p in model.named_parameters()}
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    s = optimizer.state[p]
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        s[key].copy_(loaded[f"optimizer.{names[p]}.{key}"])
-                    s["step"] = loaded["optimizer_steps"][names[p]]
+            optimizer.load_checkpoint_state({p: n for n, p in model.named_parameters()}, loaded)
     if same_world:
         torch.set_rng_state(loaded["rng"]["torch"])
-    return dict(loaded.get("train_state") or {})
+    return TrainState.from_json(loaded.get("train_state") or {}, f"{os.path.join(path, COMMON)} train_state")
 
 
 def _agreed(path: str, phase):
@@ -402,8 +378,8 @@ def _agreed(path: str, phase):
     return result
 
 
-def load_checkpoint(path: str, model, optimizer, ranks: Ranks) -> dict:
-    """Fill the model (and the optimizer when given) from ``path``; returns the saved train_state.
+def load_checkpoint(path: str, model, optimizer, ranks: Ranks) -> TrainState:
+    """Fill the model (and the optimizer when given) from ``path``; returns the saved TrainState.
 
     Collective. Three phases, each agreed by every rank before the next, so a rank that fails alone never
     leaves the others waiting inside a collective: preparing the request (local), the read (collective;
@@ -413,12 +389,12 @@ def load_checkpoint(path: str, model, optimizer, ranks: Ranks) -> dict:
 
     request, same_world = _agreed(path, lambda: _request(path, model, optimizer, ranks))
     loaded = _agreed(path, lambda: dist_checkpointing.load(request, path))
-    return _agreed(path, lambda: _fill(loaded, model, optimizer, same_world))
+    return _agreed(path, lambda: _fill(path, loaded, model, optimizer, same_world))
 
 
 def load_latest(load_path: str, model, optimizer, ranks: Ranks,
-                warn: Callable[[str], None] = print) -> tuple[str, dict]:
-    """Load the newest usable checkpoint of ``resolve_load(load_path)``; returns (path, train_state).
+                warn: Callable[[str], None] = print) -> tuple[str, TrainState]:
+    """Load the newest usable checkpoint of ``resolve_load(load_path)``; returns (path, its TrainState).
 
     Each candidate is verified (filesystem only), the ranks agree on the outcome, then it is loaded
     collectively. A candidate that fails either way is skipped with ``warn`` and the next older one tried;

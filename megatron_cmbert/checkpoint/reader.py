@@ -1,5 +1,6 @@
-"""Read a pretraining checkpoint from one process, without building a model or an optimizer: its
-config.json, its train_state, the full (TP-gathered) model tensors and its tokenizer directory.
+"""Read a pretraining checkpoint from one process, without an optimizer or a process group of the caller's:
+its RunRecord, its TrainState, the full (TP-gathered) model tensors and its tokenizer directory; and build
+our single-process model from them.
 
 megatron-core's dist_checkpointing needs a process group even to read; `single_process_group()` gives a
 gloo world of one when none exists. A checkpoint saved at any TP size loads into full tensors (every
@@ -7,72 +8,54 @@ TP-split tensor is stored as one logical tensor).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 
+from megatron_cmbert.checkpoint import store
+from megatron_cmbert.checkpoint.records import CheckpointError, RunRecord, TrainState
 from megatron_cmbert.model.config import ModelConfig
 from megatron_cmbert.parallel.world import single_process_group
-from megatron_cmbert.training import checkpoint as ckpt
-from megatron_cmbert.errors import UserError
-
-
-class ConversionError(UserError, RuntimeError):
-    """A one-line reason a conversion cannot go on (bad input, failed check); tools print it and exit 1."""
-
-
-def run_tool(call) -> int:
-    """The tools' exit code: 0, or 1 with `error: <one line>` on stderr for a ConversionError."""
-    import sys
-
-    try:
-        call()
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 @dataclass
 class Checkpoint:
     path: str
     """The iter_N directory read."""
-    config: ModelConfig
-    args: dict
-    """Training flags ("args" of config.json; empty when absent)."""
-    train_state: dict
+    record: RunRecord
+    state: TrainState
     state_dict: dict
     """Our parameter names -> full fp32 tensors (embedding rows as saved, vocabulary padding included)."""
     tokenizer_dir: str
 
     @property
+    def config(self) -> ModelConfig:
+        return self.record.model
+
+    @property
     def seq_length(self) -> int:
         """The trained sequence length (not the preset's maximum)."""
-        return int(self.args.get("seq_length") or self.config.max_position_embeddings)
+        return self.record.seq_length
+
+    @property
+    def args(self) -> dict:
+        """The training flags by name (empty for a converted checkpoint)."""
+        return self.record.args
 
 
 def read_checkpoint(load: str) -> Checkpoint:
     """The model of checkpoint `load` (iter_N or save directory; for a save directory its newest complete
-    checkpoint, as training's --load picks it). Raises ConversionError naming the offending file."""
+    checkpoint, as training's --load picks it). Raises CheckpointError naming the offending file."""
     from megatron.core import dist_checkpointing
 
-    try:
-        path = ckpt.resolve_load(load)[0]
-        ckpt.verify_checkpoint(path)  # names a missing or truncated file before torch.distributed.checkpoint fails
-        meta = ckpt.read_checkpoint_config(path)
-        train_state = ckpt.read_train_state(path)
-    except ckpt.CheckpointError as exc:
-        raise ConversionError(str(exc)) from exc
-    config_file = os.path.join(path, "config.json")
-    try:
-        config = ModelConfig.from_dict(meta["model"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ConversionError(f"{config_file}: no usable model config ({exc})") from exc
+    path = store.resolve_load(load)[0]
+    store.verify_checkpoint(path)  # names a missing or truncated file before torch.distributed.checkpoint fails
+    record = store.read_run_record(path)
+    state = store.read_train_state(path)
     tokenizer_dir = os.path.join(path, "tokenizer")
     if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-        raise ConversionError(f"{os.path.join(tokenizer_dir, 'tokenizer.json')}: missing (the checkpoint "
+        raise CheckpointError(f"{os.path.join(tokenizer_dir, 'tokenizer.json')}: missing (the checkpoint "
                               f"carries its tokenizer)")
     with single_process_group():
         try:
@@ -80,17 +63,16 @@ def read_checkpoint(load: str) -> Checkpoint:
             wanted = {k: v for k, v in metadata.items() if k.startswith("model.")}
             loaded = dist_checkpointing.load(wanted, path, validate_access_integrity=False)
         except Exception as exc:  # torch.distributed.checkpoint raises many types; name the checkpoint
-            raise ConversionError(f"{path}: cannot read the model tensors "
+            raise CheckpointError(f"{path}: cannot read the model tensors "
                                   f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from exc
     # load() also returns the common (non-tensor) state; keep the model tensors only
-    state = {k[len("model."):]: loaded[k].float() for k in wanted}
-    if not state:
-        raise ConversionError(f"{path}: no model tensors in the checkpoint")
-    return Checkpoint(path=path, config=config, args=dict(meta.get("args") or {}), train_state=train_state,
-                      state_dict=state, tokenizer_dir=tokenizer_dir)
+    tensors = {k[len("model."):]: loaded[k].float() for k in wanted}
+    if not tensors:
+        raise CheckpointError(f"{path}: no model tensors in the checkpoint")
+    return Checkpoint(path=path, record=record, state=state, state_dict=tensors, tokenizer_dir=tokenizer_dir)
 
 
-def reference_model(config: ModelConfig, state_dict: dict, kernels="reference"):
+def build_model(config: ModelConfig, state_dict: dict, kernels="reference"):
     """Our single-process CMBertForMaskedLM holding `state_dict` (vocabulary padding rows re-padded to this
     model's size: their logits are never computed). kernels: what it runs (default the reference ones,
     whatever the run trained with: a `triton` checkpoint must load on a CPU machine)."""
