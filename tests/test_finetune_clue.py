@@ -313,3 +313,13 @@ def test_bad_inputs_are_one_line_with_file_and_line(checkpoint, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_help_explains_every_flag(capsys):
+    assert finetune_clue.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--load", "--hf", "--task", "--fields", "--label-field", "--labels", "--drop-labels", "--train",
+                 "--dev", "--test", "--output-dir", "--epochs", "--lr", "--batch-size", "--batch-sweep", "--warmup-ratio",
+                 "--pooling", "--max-length", "--max-train", "--random-init", "--seed", "--no-progress"):
+        assert flag in text
+    assert "multiple_choice" in text and "keyword abst" in text and "_noun_" in text

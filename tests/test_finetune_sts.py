@@ -198,3 +198,13 @@ def test_errors_are_one_line(checkpoint, released, tmp_path, capsys, case):
                               "--output-dir", str(tmp_path / "x"), "--no-save", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_help_explains_every_flag(capsys):
+    assert finetune_sts.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--load", "--hf", "--train", "--no-hard-negatives", "--t2ranking", "--t2ranking-splits", "--qp",
+                 "--mix-ratio", "--eval", "--test", "--output-dir", "--no-save", "--epochs", "--lr", "--batch-size",
+                 "--temperature", "--max-length", "--seed", "--no-progress"):
+        assert flag in text
+    assert "train_pair_postive.json" in text and "neg_title" in text and "qrels.retrieval" in text
