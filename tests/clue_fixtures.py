@@ -123,7 +123,8 @@ def write_tnews(folder, train, dev, test):
                          for i, (t, c, lab) in enumerate(arts))
     write_jsonl(f"{folder}/train.json", rows(train[24:48]))
     write_jsonl(f"{folder}/dev.json", rows(dev[12:24]))
-    write_jsonl(f"{folder}/test.json", ({"id": i, "sentence": t, "keywords": ""} for i, (t, _, _) in enumerate(test[6:12])))
+    write_jsonl(f"{folder}/test.json", ({"id": i, "sentence": t, "keywords": ""}
+                                        for i, (t, _, _) in enumerate(test[6:12])))
     write_jsonl(f"{folder}/test1.0.json", ({"id": i, "sentence": t, "keywords": ""}
                                            for i, (t, _, _) in enumerate(test[12:17])))
     write_jsonl(f"{folder}/labels.json", ({"label": c, "label_desc": n} for c, n in TNEWS_LABELS))

@@ -72,7 +72,8 @@ def test_every_task_as_released(checkpoint, clue_dir, tmp_path, capsys):
         train_gold, train_dropped = plain_split(task, folder, train)
         dev_gold, dev_dropped = plain_split(task, folder, dev)
         assert (r["dev_examples"], r["train_examples"]) == (len(dev_gold), len(train_gold)), task
-        assert r["dropped"] == train_dropped + dev_dropped and r["dropped_rows"] == {"train": train_dropped, "dev": dev_dropped}
+        assert r["dropped"] == train_dropped + dev_dropped
+        assert r["dropped_rows"] == {"train": train_dropped, "dev": dev_dropped}
         assert (r["epochs"], r["batch_size"]) == (1, 8) and isinstance(r["accuracy"], float)
         if task in ("cmnli", "ocnli"):
             assert train_dropped > 0 and dev_dropped > 0 and "-" not in r["labels"]

