@@ -3,7 +3,9 @@
 Embeddings are the mean of the final hidden states over each sequence's tokens, L2-normalised (what the
 exported sentence-transformers model computes). The loss is InfoNCE with in-batch negatives: for a batch of
 pairs (a_i, b_i), cross-entropy of a_i against every b_j with logits cos(a_i, b_j) / temperature, the target
-being j = i. Evaluation: Pearson and Spearman correlation between cosine similarity and gold scores.
+being j = i. Hard negatives (SimCLUE's `neg_title`, see finetune/sts_data.py) join the candidates: every a_i is
+also scored against every hard negative n_k of the batch, none of them its target. Evaluation: Pearson and
+Spearman correlation between cosine similarity and gold scores.
 """
 from __future__ import annotations
 
@@ -14,28 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megatron_cmbert.finetune.clue import ClueDataError, jsonl_rows, linear_warmup_decay
-
-
-def read_pairs(path: str, first: str, second: str, score: str | None = None, positives_only: bool = False):
-    """[(text_a, text_b)] or, with `score`, [(text_a, text_b, float score)] from a jsonl file; positives_only
-    keeps SimCLUE rows whose label is 1 (or that have no label)."""
-    rows = []
-    for number, row in jsonl_rows(path):
-        try:
-            a, b = row[first], row[second]
-            value = float(row[score]) if score else None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ClueDataError(f"{path}:{number}: needs fields {first!r}, {second!r}"
-                                f"{f', {score!r} (a number)' if score else ''} ({type(exc).__name__}: {exc})") from None
-        if not (isinstance(a, str) and isinstance(b, str) and a.strip() and b.strip()):
-            raise ClueDataError(f"{path}:{number}: empty or non-string text")
-        if positives_only and str(row.get("label", "1")) not in ("1", "1.0"):
-            continue
-        rows.append((a, b, value) if score else (a, b))
-    if not rows:
-        raise ClueDataError(f"{path}: no usable pairs")
-    return rows
+from megatron_cmbert.finetune.clue import linear_warmup_decay
 
 
 def embed(encoder, seqs: list[list[int]]) -> torch.Tensor:
@@ -48,9 +29,11 @@ def embed(encoder, seqs: list[list[int]]) -> torch.Tensor:
     return F.normalize(sums / lengths[:, None].float(), dim=-1)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over i of -log softmax_j(a_i . b_j / t)[i] (a, b normalised)."""
-    logits = a @ b.T / temperature
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over i of -log softmax over the candidates c (b_1..b_B, then the hard negatives) of a_i . c / t,
+    the target being b_i (a, b, negatives normalised)."""
+    candidates = b if negatives is None or not len(negatives) else torch.cat([b, negatives])
+    logits = a @ candidates.T / temperature
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
 
@@ -95,7 +78,8 @@ def evaluate(encoder, scored, max_length: int, batch_size: int = 64) -> dict:
 
 def train_contrastive(encoder, pairs, *, epochs: int, lr: float, batch_size: int, temperature: float,
                       max_length: int, warmup_ratio: float = 0.1, seed: int = 0, progress=None) -> list[float]:
-    """InfoNCE over in-batch negatives; returns the mean loss of each epoch."""
+    """InfoNCE over in-batch negatives and the batch's hard negatives; `pairs` are sts_data.Pair. Returns the
+    mean loss of each epoch."""
     torch.manual_seed(seed)
     params = list(encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -112,9 +96,11 @@ def train_contrastive(encoder, pairs, *, epochs: int, lr: float, batch_size: int
             batch = [pairs[i] for i in order[lo:lo + batch_size]]
             if len(batch) < 2:
                 continue  # one pair has no negative
-            a = embed(encoder, encoder.encode([p[0] for p in batch], max_length))
-            b = embed(encoder, encoder.encode([p[1] for p in batch], max_length))
-            loss = info_nce(a, b, temperature)
+            a = embed(encoder, encoder.encode([p.a for p in batch], max_length))
+            b = embed(encoder, encoder.encode([p.b for p in batch], max_length))
+            hard = [p.negative for p in batch if p.negative is not None]
+            negatives = embed(encoder, encoder.encode(hard, max_length)) if hard else None
+            loss = info_nce(a, b, temperature, negatives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
