@@ -197,7 +197,7 @@ def _load_ours(load: str, device, dtype, kernels) -> Encoder:
 
 
 def _hf_kwargs(path: str, dtype, attn_implementation) -> dict:
-    from megatron_cmbert.hf.export import load_kwargs
+    from megatron_cmbert.hf.common import load_kwargs
 
     kwargs = load_kwargs(dtype, remote_code=True)  # our RMSNorm exports ship their model as remote code
     if attn_implementation:

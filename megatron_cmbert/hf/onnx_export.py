@@ -28,7 +28,7 @@ class _Encoder(torch.nn.Module):
 def _load_encoder(out: str, remote_code: bool):
     from transformers import AutoModel
 
-    from megatron_cmbert.hf.export import load_kwargs
+    from megatron_cmbert.hf.common import load_kwargs
 
     return AutoModel.from_pretrained(out, attn_implementation="eager",
                                      **load_kwargs(torch.float32, remote_code)).eval()
@@ -43,7 +43,7 @@ def export_onnx(out: str, ck, log=print) -> float:
     """Writes out/onnx/model.onnx; returns the largest |difference| onnxruntime vs PyTorch over real tokens."""
     import onnxruntime
 
-    from megatron_cmbert.hf.export import is_remote_code
+    from megatron_cmbert.hf.common import is_remote_code
 
     encoder = _Encoder(_load_encoder(out, is_remote_code(ck.config))).eval()
     config = ck.config

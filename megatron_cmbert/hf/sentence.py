@@ -36,7 +36,7 @@ def check_sentence_transformers(out: str, ck, dtype: str = "float32") -> float:
     normalised encoder output on the sample texts."""
     from sentence_transformers import SentenceTransformer
 
-    from megatron_cmbert.hf.export import SAMPLE_TEXTS, is_remote_code, mean_pooled_embeddings
+    from megatron_cmbert.hf.common import SAMPLE_TEXTS, is_remote_code, mean_pooled_embeddings
 
     remote = is_remote_code(ck.config)
     model = SentenceTransformer(out, device="cpu", trust_remote_code=remote,
@@ -46,6 +46,6 @@ def check_sentence_transformers(out: str, ck, dtype: str = "float32") -> float:
 
 
 def _new_kwargs() -> bool:
-    from megatron_cmbert.hf.export import load_kwargs
+    from megatron_cmbert.hf.common import load_kwargs
 
     return "dtype" in load_kwargs()
