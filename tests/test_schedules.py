@@ -164,6 +164,6 @@ def test_plot_tool_writes_a_png(tmp_path):
 def test_plot_tool_rejects_bad_flags_like_argparse(capsys):
     from tools.plot_schedules import main
 
-    with pytest.raises(SystemExit):
-        main(["--train-iters", "100", "--cycles", "0", "--csv", "x.csv", "--no-plot"])
-    assert "cycles" in capsys.readouterr().err
+    assert main(["--train-iters", "100", "--cycles", "0", "--csv", "x.csv", "--no-plot"]) == 2  # a user error
+    err = capsys.readouterr().err
+    assert "cycles" in err and err.startswith("error: ") and len(err.splitlines()) == 1

@@ -8,15 +8,16 @@ figure: 377.0M for the large preset at vocab 32,979, 9.0% of it in the embedding
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 
+from megatron_cmbert.cli import ToolParser, run_tool
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__)
     parser.add_argument("--preset", default="large", help="tiny, base or large (default large)")
     parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
     parser.add_argument("--normalization", choices=("RMSNorm", "LayerNorm"), default=None,
@@ -64,7 +65,8 @@ def summarize(config) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> dict:
+    """The summary printed."""
     args = parse_args(argv)
     from megatron_cmbert.model import get_preset
 
@@ -76,7 +78,11 @@ def main(argv=None) -> int:
     else:
         for key, value in summary.items():
             print(f"{key:26s} {value}")
-    return 0
+    return summary
+
+
+def main(argv=None) -> int:
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

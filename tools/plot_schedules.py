@@ -14,11 +14,12 @@ import argparse
 import csv
 import sys
 
+from megatron_cmbert.cli import ToolParser, run_tool
 from megatron_cmbert.training.schedules import ScheduleConfig, add_schedule_args, lr_at, mask_rate_at
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__)
     add_schedule_args(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="schedules.png", help="PNG to write (default schedules.png)")
@@ -78,7 +79,8 @@ def plot(rows, cfg: ScheduleConfig, path: str, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> list[tuple[int, float, float]]:
+    """The (step, lr, mask_rate) rows, written as asked."""
     args = parse_args(argv)
     rows = schedule_table(args.config)
     if args.csv:
@@ -87,7 +89,11 @@ def main(argv=None) -> int:
     if not args.no_plot:
         plot(rows, args.config, args.output, args.dpi)
         print(f"wrote {args.output}")
-    return 0
+    return rows
+
+
+def main(argv=None) -> int:
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

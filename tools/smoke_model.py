@@ -8,7 +8,6 @@ thread per rank; on GPUs nccl.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,9 +15,12 @@ import time
 
 import torch
 
+from megatron_cmbert.cli import ToolParser, run_tool
+from megatron_cmbert.errors import ToolFailure, UserError
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__)
     parser.add_argument("--preset", default="tiny", help="model preset: tiny, base or large (default tiny)")
     parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
     parser.add_argument("--normalization", choices=("RMSNorm", "LayerNorm"), default=None,
@@ -37,7 +39,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> dict:
+    """The JSON line's fields (every rank computes them; rank 0 prints)."""
     args = parse_args(argv)
     from megatron_cmbert.model import IGNORE_INDEX, get_preset
     from megatron_cmbert.model.padding import pack_sequences
@@ -49,9 +52,8 @@ def main(argv=None) -> int:
                                    ("kernels", args.kernels)) if v is not None}
     try:
         config = get_preset(args.preset, **overrides)
-    except (KeyError, ValueError) as error:  # an unknown preset, field value or kernel name
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # a field value or kernel name (an unknown preset is a UserError already)
+        raise UserError(str(error)) from None
     distributed = "WORLD_SIZE" in os.environ
     tp = args.tensor_model_parallel_size
     device = torch.device("cpu")
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
         rank = dist.get_rank()
     elif tp != 1:
-        raise SystemExit(f"--tensor-model-parallel-size {tp} needs {tp} processes: launch with torchrun")
+        raise UserError(f"--tensor-model-parallel-size {tp} needs {tp} processes: launch with torchrun")
     else:
         rank = 0
 
@@ -96,16 +98,19 @@ def main(argv=None) -> int:
     tp_group = parallel_state.get_tensor_model_parallel_group() if distributed and tp > 1 else None
     grad_norm = clip_grad_norm(model.parameters(), float("inf"), tp_group).item()
     if not (torch.isfinite(out.loss) and grad_norm == grad_norm and grad_norm > 0):
-        raise SystemExit(f"bad step: loss {out.loss.item()}, grad norm {grad_norm}")
+        raise ToolFailure(f"bad step: loss {out.loss.item()}, grad norm {grad_norm}")
+    result = {"preset": config.name, "tensor_model_parallel_size": tp, "sequence_parallel": args.sequence_parallel,
+              "tokens": int(tokens.numel()), "predicted": out.num_predicted, "loss": round(out.loss.item(), 6),
+              "grad_norm": round(grad_norm, 6), "build_s": round(built - start, 3), "step_s": round(done - built, 3)}
     if rank == 0:
-        print(json.dumps({"preset": config.name, "tensor_model_parallel_size": tp,
-                          "sequence_parallel": args.sequence_parallel, "tokens": int(tokens.numel()),
-                          "predicted": out.num_predicted, "loss": round(out.loss.item(), 6),
-                          "grad_norm": round(grad_norm, 6), "build_s": round(built - start, 3),
-                          "step_s": round(done - built, 3)}), flush=True)
+        print(json.dumps(result), flush=True)
     if distributed:
         torch.distributed.destroy_process_group()
-    return 0
+    return result
+
+
+def main(argv=None) -> int:
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,17 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from megatron_cmbert.errors import UserError
 from megatron_cmbert.kernels.registry import KernelChoice, KernelError
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+
+
+class UnknownPresetError(UserError, KeyError):
+    """A preset name that is not in PRESETS."""
+
+    def __str__(self) -> str:  # KeyError's own str() quotes the message
+        return str(self.args[0])
 
 
 @dataclass
@@ -157,7 +165,7 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str, **overrides) -> ModelConfig:
     """A preset by name, with field overrides (e.g. vocab_size=...)."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise UnknownPresetError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)
 
 
