@@ -95,3 +95,24 @@ def test_bf16_runs_track_float32_at_tp1_and_tp2(tmp_path, tokenizer_dir, news_pr
         assert set(dtypes.values()) == {torch.float32}, {k: v for k, v in dtypes.items() if v != torch.float32}
     with open(root / "bf16_tp2" / f"iter_{STEPS:07d}" / "config.json") as fh:
         assert json.load(fh)["args"]["bf16"] is True
+
+
+def test_activations_are_bf16_under_autocast():
+    """--bf16 keeps the residual stream in bf16 (each layer's input and output), so what megatron's linears
+    save for backward is bf16; the norms compute in fp32 inside and the weights stay fp32."""
+    from megatron_cmbert.model import CMBertForMaskedLM, get_preset
+
+    torch.manual_seed(0)
+    model = CMBertForMaskedLM(get_preset("tiny", kernels="reference"))
+    seen = []
+    for layer in model.model.layers:
+        layer.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+    ids = torch.randint(5, 1000, (40,))
+    labels = ids.masked_fill(torch.arange(40) % 3 != 0, -100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, torch.tensor([0, 17, 40], dtype=torch.int32), labels=labels)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 3
+    assert out.loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    seen.clear()
+    model(ids, torch.tensor([0, 17, 40], dtype=torch.int32))  # without autocast: fp32 throughout
+    assert seen == [(torch.float32, torch.float32)] * 3

@@ -12,29 +12,47 @@ import torch
 
 from megatron_cmbert.model import get_preset
 from megatron_cmbert.training import meter, preemption
-from megatron_cmbert.training.meter import ThroughputMeter, device_peak_flops, peak_by_name, train_flops_per_token
+from megatron_cmbert.training.meter import (ThroughputMeter, attention_pairs, device_peak_flops, model_flops,
+                                            peak_by_name, train_flops_per_token)
 from megatron_cmbert.training.metrics import MetricsLog
 from megatron_cmbert.training.preemption import StopSignal
 
 
 # -- FLOPs and peaks -------------------------------------------------------------------------------------------
 def test_train_flops_per_token_by_hand():
-    # The paper's body (28 x 1024, FFN 2624; 10 global layers, window 129) with a 32,000 vocabulary:
-    # linears 2*(4*1024^2 + 3*1024*2624)*28 = 686,292,992; attention at S=512: 10*4*1024*512 + 18*4*1024*129
-    # = 30,482,432; head 2*(1024^2 + 32000*1024)*0.3 = 20,289,945.6; training = 3x the sum.
+    # The paper's body (28 x 1024, FFN 2624; 10 global layers, keys |i-j| <= 64 in the 18 local ones) with a
+    # 32,000 vocabulary: linears 2*(4*1024^2 + 3*1024*2624)*28 = 686,292,992 per token; head
+    # 2*(1024^2 + 32000*1024)*0.3 = 20,289,945.6 per token; training = 3x. A 512-token document's local layer
+    # sees 512 + 2*(64*512 - 64*65/2) = 61,888 pairs (not 129*512: queries near the ends see fewer keys).
     large = get_preset("large", vocab_size=32000)
-    assert train_flops_per_token(large, 512, 0.3) == pytest.approx(3 * (686_292_992 + 30_482_432 + 20_289_945.6),
+    attention_512 = 10 * 4 * 1024 * 512 + 18 * 4 * 1024 * 61_888 / 512  # = 29,883,392 per token
+    assert train_flops_per_token(large, 512, 0.3) == pytest.approx(3 * (686_292_992 + attention_512 + 20_289_945.6),
                                                                    rel=1e-12)
     assert train_flops_per_token(large, 512, 0.3) == pytest.approx(2.21e9, rel=3e-3)  # the published 2.21 GFLOP
-    # At 8192 the global layers see 8192 keys: 10*4*1024*8192 + 18*4*1024*129 = 345,055,232.
-    assert train_flops_per_token(large, 8192, 0.3) == pytest.approx(3 * (686_292_992 + 345_055_232 + 20_289_945.6),
+    # At 8192: global layers see 8192 keys; local 8192 + 2*(64*8192 - 2080) = 1,052,608 pairs.
+    attention_8k = 10 * 4 * 1024 * 8192 + 18 * 4 * 1024 * 1_052_608 / 8192
+    assert train_flops_per_token(large, 8192, 0.3) == pytest.approx(3 * (686_292_992 + attention_8k + 20_289_945.6),
                                                                     rel=1e-12)
-    # tiny: H 64, FFN 96, V 1000, 3 layers (0 global, 1-2 local, window 9). Linears 2*(4*64^2 + 3*64*96)*3
-    # = 208,896; head 2*(64^2 + 1000*64)*0.5 = 68,096. Samples shorter than the window: every layer sees S.
+    # tiny: H 64, FFN 96, V 1000, 3 layers (0 global, 1-2 local, keys |i-j| <= 4). Linears 2*(4*64^2 + 3*64*96)*3
+    # = 208,896; head 2*(64^2 + 1000*64)*0.5 = 68,096. A document shorter than the window: every layer sees S.
     tiny = get_preset("tiny")
     assert train_flops_per_token(tiny, 4, 0.5) == pytest.approx(3 * (208_896 + 3 * 4 * 64 * 4 + 68_096), rel=1e-12)
+    # S=100 local: 100 + 2*(4*100 - 10) = 880 pairs, 8.8 per token
     assert train_flops_per_token(tiny, 100, 0.5) == pytest.approx(
-        3 * (208_896 + 4 * 64 * 100 + 2 * 4 * 64 * 9 + 68_096), rel=1e-12)
+        3 * (208_896 + 4 * 64 * 100 + 2 * 4 * 64 * 8.8 + 68_096), rel=1e-12)
+
+
+def test_model_flops_of_packed_documents_by_hand():
+    # documents of 3 and 10 tokens, 4 predicted: global pairs 9 + 100; local (|i-j| <= 4): 3*3 (shorter than
+    # the window) + 10 + 2*(4*10 - 10) = 70
+    tiny = get_preset("tiny")
+    assert attention_pairs([3, 10]) == 109 and attention_pairs([3, 10], 4) == 9 + 70
+    brute = sum(1 for n in (3, 10) for i in range(n) for j in range(n) if abs(i - j) <= 4)
+    assert attention_pairs([3, 10], 4) == brute  # against an enumeration of the pairs
+    expected = 3 * (208_896 * 13 + 4 * 64 * 109 + 2 * 4 * 64 * 79 + 2 * (64 * 64 + 1000 * 64) * 4)
+    assert model_flops(tiny, [3, 10], 4) == pytest.approx(expected, rel=1e-12)
+    # padding and empty sequences are not model work: only the real lengths count
+    assert model_flops(tiny, [3, 10, 0, 0], 4) == model_flops(tiny, [3, 10], 4)
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -71,17 +89,17 @@ def test_throughput_meter_excludes_paused_time_and_resets(monkeypatch):
     monkeypatch.setattr(meter, "device_peak_flops", lambda device, dtype: 1e9)
     tiny = get_preset("tiny")
     m = ThroughputMeter(tiny, "cpu", torch.bfloat16, world_size=2)
-    m.add(1000, 4, 0.5)
+    m.add(1000, 2.0e9)
     clock.now += 2.0
     with m.paused():
         clock.now += 30.0  # evaluation / a save
-    m.add(600, 100, 0.5)
+    m.add(600, 1.0e9)
     clock.now += 2.0
     out = m.report()
-    flops = 1000 * 3 * (208_896 + 3072 + 68_096) + 600 * 3 * (208_896 + 30_208 + 68_096)  # by hand, as above
     assert out["tokens_per_s"] == pytest.approx(1600 / 4.0)
-    assert out["mfu"] == pytest.approx(flops / 4.0 / (1e9 * 2))
-    m.add(300, 4, 0.5)
+    assert out["mfu"] == pytest.approx(3.0e9 / 4.0 / (1e9 * 2))
+    assert out["tflops_per_device"] == pytest.approx(3.0e9 / 4.0 / 2 / 1e12)
+    m.add(300, 1.0)
     clock.now += 1.0
     assert m.report()["tokens_per_s"] == pytest.approx(300.0)  # counted from the previous report
     monkeypatch.setattr(meter, "device_peak_flops", lambda device, dtype: None)

@@ -293,3 +293,57 @@ def test_tp2_stableadamw_and_grad_clip_equal_single_process(torchrun):
     pytest.importorskip("megatron.core", reason="the TP=2 check needs megatron-core")
     out = torchrun("tests/dist/tp_optimizer_check.py", timeout=LAUNCH_TIMEOUT_S)
     assert "TP-OPTIMIZER OK" in out, out
+
+
+def _cmbert_with_grads(seed):
+    from megatron_cmbert.model import CMBertForMaskedLM, get_preset
+
+    torch.manual_seed(seed)
+    return CMBertForMaskedLM(get_preset("tiny"))
+
+
+@pytest.mark.parametrize("spike", [1.0, 30.0])  # 30: gradients far above their history, update clipping on
+def test_multi_tensor_step_and_clip_equal_the_per_tensor_implementation(spike):
+    """The multi-tensor StableAdamW and clip against the per-tensor ones they replaced (tests/
+    reference_stable_adamw.py), on the tiny model's 30-odd tensors in both weight-decay groups, 6 steps,
+    with clipping active: equal within 1e-6 (fp32; only rounding order differs)."""
+    from reference_stable_adamw import PerTensorStableAdamW, clip_grad_norm as per_tensor_clip
+
+    new, old = _cmbert_with_grads(0), _cmbert_with_grads(0)
+    opt_new = StableAdamW(param_groups(new, 0.1), lr=1e-2, eps=1e-6)
+    opt_old = PerTensorStableAdamW(param_groups(old, 0.1), lr=1e-2, eps=1e-6)
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        for a, b in zip(new.parameters(), old.parameters()):
+            a.grad = torch.randn(a.shape, generator=g) * (spike ** step)
+            b.grad = a.grad.clone()
+        norm_new, norm_old = clip_grad_norm(new.parameters(), 1.0), per_tensor_clip(old.parameters(), 1.0)
+        torch.testing.assert_close(norm_new, norm_old, rtol=1e-6, atol=0)
+        opt_new.step()
+        opt_old.step()
+        assert float(opt_new.stats["max_rms"]) == pytest.approx(opt_old.stats["max_rms"], rel=1e-6)
+        if step:  # at step 1 v = g^2 exactly, so every rms is 1 and the two roundings fall either side of it
+            assert int(opt_new.stats["clipped"]) == opt_old.stats["clipped"]
+    if spike > 1:
+        assert opt_old.stats["clipped"] > 0  # the clipped path was exercised
+    for (name, a), b in zip(new.named_parameters(), old.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_optimizer_launches_do_not_grow_with_the_number_of_tensors():
+    """The step's kernels (top-level aten ops counted by the profiler on CPU) are per batch of tensors, not
+    per tensor: 10x the tensors, the same number of ops (the per-tensor version grew linearly)."""
+    def ops(n):
+        params = [nn.Parameter(torch.randn(7, 5)) for _ in range(n)]
+        opt = StableAdamW([{"params": params, "weight_decay": 0.1}], lr=1e-3)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # state created
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+            clip_grad_norm(params, 1.0)
+        # top-level ops only: what the optimizer dispatches (on CPU a foreach op loops inside itself, which
+        # the profiler shows as children; on a GPU it is a few multi-tensor kernel launches)
+        return sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+    few, many = ops(4), ops(40)
+    assert many == few, (few, many)

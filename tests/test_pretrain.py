@@ -149,9 +149,9 @@ def test_sigterm_saves_and_the_resumed_run_matches(setup, procs):
         wait_for_rows(metrics, 3, proc)
         if procs == 1:
             targets = [psutil.Process(proc.pid)]
-        else:  # the two ranks torchrun started (not torchrun itself)
+        else:  # the two ranks torchrun started (not torchrun itself, nor their data-loader workers)
             targets = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                       if PRETRAIN in p.cmdline()]
+                       if PRETRAIN in p.cmdline() and p.name() != "pt_data_worker"]
             assert len(targets) == 2
         for p in targets:
             p.send_signal(signal.SIGTERM)

@@ -12,13 +12,13 @@ resumed run produce exactly the same micro-batches.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from megatron_cmbert.data.masking import MaskingConfig, mask_tokens, sample_rng
+from megatron_cmbert.data.microbatch import MicroBatch, MicroBatchShape
 from megatron_cmbert.data.packing import BlendIndex
 from megatron_cmbert.data.sample_cache import (DocumentReader, EpochCache, EpochReader, check_word_starts,
                                                dataset_fingerprint, default_cache_dir)
@@ -134,17 +134,6 @@ class PackedSplit:
                 np.array(lens, dtype=np.int64))
 
 
-@dataclass
-class MicroBatch:
-    """Packed varlen micro-batch: every piece is its own sequence in ``cu_seqlens``."""
-
-    input_ids: torch.Tensor   # (tokens,) int64
-    labels: torch.Tensor      # (tokens,) int64, -100 where not predicted
-    cu_seqlens: torch.Tensor  # (pieces + 1,) int32
-    max_seqlen: int
-    mask_rate: float
-
-
 class PretrainSamples:
     """Blended, split, packed and masked samples, addressed by global sample index."""
 
@@ -181,18 +170,16 @@ class PretrainSamples:
         inputs, labels = mask_tokens(tokens, flags, rate, sample_rng(self.seed, index), self.masking)
         return inputs, labels, tokens, lens
 
-    def micro_batch(self, first: int, count: int, rate: float) -> MicroBatch:
-        """Samples ``first .. first+count-1`` packed into one varlen micro-batch."""
+    def micro_batch(self, first: int, count: int, rate: float, shape: Optional[MicroBatchShape] = None) -> MicroBatch:
+        """Samples ``first .. first+count-1`` packed into one varlen micro-batch (static when `shape` is given:
+        data/microbatch.py)."""
         inputs, labels, lens = [], [], []
         for index in range(first, first + count):
             i, l, _, n = self.sample(index, rate)
             inputs.append(i)
             labels.append(l)
             lens.append(n)
-        seqlens = np.concatenate(lens)
-        cu = np.concatenate(([0], np.cumsum(seqlens))).astype(np.int32)
-        return MicroBatch(torch.from_numpy(np.concatenate(inputs)), torch.from_numpy(np.concatenate(labels)),
-                          torch.from_numpy(cu), int(seqlens.max()), rate)
+        return MicroBatch.pack(inputs, labels, lens, rate, shape)
 
 
 class MicroBatchSchedule(torch.utils.data.Dataset):
@@ -203,11 +190,12 @@ class MicroBatchSchedule(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: PretrainSamples, global_batch: int, micro_batch: int, dp_size: int,
-                 dp_rank: int, rate_at: Callable[[int], float], first_step: int = 0, num_steps: Optional[int] = None):
+                 dp_rank: int, rate_at: Callable[[int], float], first_step: int = 0, num_steps: Optional[int] = None,
+                 shape: Optional[MicroBatchShape] = None):
         if global_batch % (micro_batch * dp_size):
             raise ValueError(f"--global-batch-size {global_batch} must be a multiple of "
                              f"--micro-batch-size {micro_batch} x data-parallel size {dp_size}")
-        self.samples, self.G, self.M = samples, global_batch, micro_batch
+        self.samples, self.G, self.M, self.shape = samples, global_batch, micro_batch, shape
         self.dp_size, self.dp_rank, self.rate_at = dp_size, dp_rank, rate_at
         self.per_step = global_batch // (micro_batch * dp_size)
         self.first_step = first_step
@@ -220,7 +208,7 @@ class MicroBatchSchedule(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> MicroBatch:
         step = self.first_step + k // self.per_step
         first = step * self.G + self.dp_rank * (self.G // self.dp_size) + (k % self.per_step) * self.M
-        return self.samples.micro_batch(first, self.M, self.rate_at(step))
+        return self.samples.micro_batch(first, self.M, self.rate_at(step), self.shape)
 
 
 class StepSchedule(torch.utils.data.Dataset):
@@ -245,7 +233,9 @@ def _as_is(item):
     return item  # module level: worker processes pickle the collate function
 
 
-def step_loader(schedule: StepSchedule, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """Steps in order (item k in the k-th place), built in `num_workers` background processes."""
+def step_loader(schedule: StepSchedule, num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Steps in order (item k in the k-th place), built in `num_workers` background processes while the
+    device trains; `pin_memory` page-locks them so the copies to a GPU do not block."""
     return torch.utils.data.DataLoader(schedule, batch_size=None, shuffle=False, collate_fn=_as_is,
-                                       num_workers=num_workers)
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=False, prefetch_factor=2 if num_workers else None)

@@ -55,10 +55,14 @@ class Kernel:
     half_precision_only: bool = False
     auto: bool = True
     """Whether `auto` may pick it (the Triton kernels have passed only the interpreter and compile checks)."""
+    traceable: bool = True
+    """Whether torch.compile can trace it: the reference attention loops over host-side bounds, so inside a
+    compiled layer it runs eagerly (torch.compiler.disable: one graph break, no recompiles)."""
 
     def load(self) -> Callable:
         """The kernel function; ImportError when its package is missing."""
-        return getattr(importlib.import_module(self.module), self.function)
+        fn = getattr(importlib.import_module(self.module), self.function)
+        return fn if self.traceable else torch.compiler.disable(fn, recursive=True)
 
     def load_plan(self) -> Callable:
         return getattr(importlib.import_module(self.module), self.plan)
@@ -88,7 +92,7 @@ REGISTRY: dict[tuple[str, str], Kernel] = {(k.op, k.backend): k for k in (
            half_precision_only=True),
     Kernel("attention", "triton", _K + "attention_triton", "attend", "plan", needs_cuda=True, auto=False),
     Kernel("attention", "flex", _K + "attention_flex", "attend", "plan", needs_cuda=True),
-    Kernel("attention", "reference", _K + "attention_reference", "attend", "plan"),
+    Kernel("attention", "reference", _K + "attention_reference", "attend", "plan", traceable=False),
     Kernel("rope", "triton", _K + "rope_triton", "rope_triton", needs_cuda=True, auto=False),
     Kernel("rope", "reference", _K + "reference", "rope_reference"),
     Kernel("geglu", "triton", _K + "geglu_triton", "geglu_triton", needs_cuda=True, auto=False),
@@ -222,6 +226,7 @@ class KernelSet:
     def __init__(self, choice: "KernelChoice | str | Mapping[str, str] | None" = None):
         self.choice = KernelChoice.parse(choice)
         self._kernels: dict[tuple, Kernel] = {}
+        self._functions: dict[tuple, Callable] = {}
 
     @classmethod
     def from_config(cls, config) -> "KernelSet":
@@ -230,6 +235,17 @@ class KernelSet:
     @property
     def names(self) -> dict[str, str]:
         return self.choice.as_dict()
+
+    def prepare(self, device, dtypes=(torch.float32, torch.bfloat16)) -> None:
+        """Resolve every op for `device` at each of `dtypes` that it can run (before torch.compile traces the
+        model, so the compiled code finds plain functions, not the registry's imports)."""
+        device = torch.device(device)
+        for dtype in dtypes:
+            for op in OPS:
+                try:
+                    self.function(op, torch.empty(0, device=device, dtype=dtype))
+                except KernelError:
+                    pass  # e.g. flash_attn in fp32: that dtype is never asked for
 
     def entry(self, op: str, device: torch.device, dtype: torch.dtype) -> Kernel:
         key = (op, device.type, dtype)
@@ -245,13 +261,17 @@ class KernelSet:
         return found
 
     def function(self, op: str, x: torch.Tensor) -> Callable:
-        return self.entry(op, x.device, x.dtype).load()
+        key = (op, x.device.type, x.dtype)
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = self._functions[key] = self.entry(op, x.device, x.dtype).load()
+        return fn
 
     # ---- the ops, as the model calls them ----------------------------------------------------------------
     def attention_plan(self, layout, window=(-1, -1), dtype: torch.dtype = torch.float32) -> Any:
         """The attention backend's plan for one batch layout (kernels/varlen.PackedLayout) and window, built
         once per micro-batch and shared by every layer with that window. dtype: what q will have."""
-        return self.entry("attention", layout.device, dtype).load_plan()(layout, tuple(window))
+        return self.entry("attention", layout.device, dtype).load_plan()(layout, tuple(window))  # not traced
 
     def attention(self, q, k, v, plan, softmax_scale=None):
         """Varlen (packed) attention: q, k, v (tokens, heads, head_dim); query i of a sequence sees key j of

@@ -114,7 +114,11 @@ class CMBertModel(nn.Module):
             raise ValueError(f"sequence parallelism needs the token count ({total}) divisible by TP "
                              f"({self.spec.tensor_parallel_size}); CMBertForMaskedLM pads by itself")
         x = self.embeddings(input_ids)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            # bf16 activations: the residual stream (and every activation saved for backward) in the autocast
+            # dtype; norms still compute in fp32 inside, the weights stay fp32 masters
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        dtype = x.dtype
         # One plan per distinct window, built once per micro-batch and shared by the layers.
         plans = {w: self.kernels.attention_plan(layout, w, dtype) for w in {l.attn.window for l in self.layers}}
         for layer in self.layers:
@@ -160,10 +164,16 @@ class CMBertForMaskedLM(nn.Module):
         bind_kernels(self.head, self.kernels)
         self.decoder_bias = spec.vocab_bias(config.padded_vocab_size(spec.tensor_parallel_size))
 
-    def forward(self, input_ids, layout, max_seqlen=None, labels=None) -> MaskedLMOutput:
+    def forward(self, input_ids, layout, max_seqlen=None, labels=None, predicted_index=None,
+                num_predicted: int | None = None) -> MaskedLMOutput:
         """input_ids, labels: packed (tokens,); labels -100 where nothing is predicted. layout: as
         CMBertModel.forward. Under sequence parallelism the tokens are padded here to a multiple of TP (a
-        padding sequence of its own, predicting nothing), so callers never need to know the layout."""
+        padding sequence of its own, predicting nothing), so callers never need to know the layout.
+
+        predicted_index (training: made by the loader on the host, a static number of rows) selects the
+        positions the head scores, and num_predicted says how many of them are real (padding rows point at
+        positions whose label is -100 and carry no loss): no boolean indexing, so nothing waits for the
+        device. Without it the positions are found from the labels (a sync; evaluation and tests)."""
         layout = as_layout(layout, max_seqlen)
         total = input_ids.shape[0]
         if self.spec.sequence_parallel:
@@ -172,8 +182,10 @@ class CMBertForMaskedLM(nn.Module):
         hidden = self.spec.gather_tokens(self.model(input_ids, layout))
         targets = None
         if labels is not None:
-            predicted = labels != IGNORE_INDEX
-            hidden, targets = hidden[predicted], labels[predicted]
+            if predicted_index is None:
+                predicted_index = torch.nonzero(labels != IGNORE_INDEX).squeeze(1)
+                num_predicted = predicted_index.numel()
+            hidden, targets = hidden.index_select(0, predicted_index), labels.index_select(0, predicted_index)
         else:
             hidden = hidden[:total]
         # Logits of the unpadded vocabulary only (vocabulary padding rows never reach the loss or argmax).
@@ -181,10 +193,13 @@ class CMBertForMaskedLM(nn.Module):
                                      self.decoder_bias, self.config.vocab_size)
         if targets is None:
             return MaskedLMOutput(logits=logits, num_predicted=logits.shape[0])
-        # sum / count rather than mean(): a micro-batch with nothing to predict gives 0, not NaN.
-        loss = self.spec.cross_entropy(logits, targets).sum() / max(targets.numel(), 1)
-        correct = (self.spec.argmax(logits.detach()) == targets).sum()
-        return MaskedLMOutput(logits=logits, loss=loss, num_predicted=int(targets.numel()), num_correct=correct)
+        real = targets != IGNORE_INDEX
+        # sum / count rather than mean(): a micro-batch with nothing to predict gives 0, not NaN. Padding
+        # rows are multiplied out (megatron's vocab-parallel CE has no ignore_index).
+        token_loss = self.spec.cross_entropy(logits, targets.clamp_min(0)) * real
+        loss = token_loss.sum() / max(int(num_predicted), 1)
+        correct = ((self.spec.argmax(logits.detach()) == targets) & real).sum()
+        return MaskedLMOutput(logits=logits, loss=loss, num_predicted=int(num_predicted), num_correct=correct)
 
 
 def as_layout(layout, max_seqlen: int | None = None) -> PackedLayout:

@@ -64,15 +64,18 @@ class MegatronSpec:
 
     def embedding(self, num_embeddings, embedding_dim, init_method):
         return _vocab_embedding_class()(num_embeddings, embedding_dim, init_method=init_method,
-                                        config=self.config, reduce_scatter_embeddings=self.sequence_parallel)
+                                        config=self.config, reduce_scatter_embeddings=self.sequence_parallel,
+                                        tp_group=self.group)
 
     def column_linear(self, in_features, out_features, init_method):
         return self._column_cls(in_features, out_features, config=self.config, init_method=init_method,
-                                gather_output=False, bias=False, skip_bias_add=False, is_expert=False)
+                                gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
+                                tp_group=self.group)
 
     def row_linear(self, in_features, out_features, init_method):
         return self._row_cls(in_features, out_features, config=self.config, init_method=init_method,
-                             bias=False, input_is_parallel=True, skip_bias_add=False, is_expert=False)
+                             bias=False, input_is_parallel=True, skip_bias_add=False, is_expert=False,
+                             tp_group=self.group)
 
     def norm(self, normalization, hidden_size, eps, on_token_shards: bool):
         module = NORM_CLASSES[normalization](hidden_size, eps)
@@ -155,6 +158,8 @@ def _cpu_autocast(forward_impl):
     """
 
     def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group", 0) is None:  # RowParallelLinear passes None: megatron then warns every call
+            kwargs["tp_group"] = self.tp_group  # (a warnings.warn that torch.compile cannot trace)
         if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
             return forward_impl(self, input, weight, *args, **kwargs)
         dtype = torch.get_autocast_dtype("cpu")

@@ -10,6 +10,15 @@ import torch.distributed as dist
 from megatron_cmbert.parallel.world import init_distributed
 
 
+def compile_layers(model) -> None:
+    """torch.compile each encoder layer in place (fullgraph off: a backend that runs eagerly, such as the
+    reference attention, is a graph break of its own); the attention plans are built outside, once per
+    micro-batch, so the compiled code sees only tensors of static shapes."""
+    model.kernels.prepare(next(model.parameters()).device)
+    for layer in model.model.layers:
+        layer.compile(dynamic=False)
+
+
 class ParallelLayout:
     """TP x DP on megatron-core and torch DDP over this process's world."""
 
@@ -25,12 +34,17 @@ class ParallelLayout:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
 
-    def build_model(self, config):
-        """CMBertForMaskedLM with the spec this layout needs, on this rank's device."""
+    def build_model(self, config, compile: bool = False):
+        """CMBertForMaskedLM with the spec this layout needs, on this rank's device; with `compile` each
+        encoder layer is compiled (torchtitan's per-block torch.compile; static shapes keep it to one
+        graph per layer kind)."""
         from megatron_cmbert.parallel.layer_spec import build_masked_lm
 
-        return build_masked_lm(config, transformer_impl=self.transformer_impl,
-                               sequence_parallel=self.sequence_parallel).to(self.device)
+        model = build_masked_lm(config, transformer_impl=self.transformer_impl,
+                                sequence_parallel=self.sequence_parallel).to(self.device)
+        if compile:
+            compile_layers(model)
+        return model
 
     def data_parallel(self, model):
         """`model` wrapped for gradient reduction over the DP group (`.module`, `.no_sync()`)."""
@@ -45,6 +59,18 @@ class ParallelLayout:
             from megatron_cmbert.parallel.sharding import allreduce_sequence_parallel_grads
 
             allreduce_sequence_parallel_grads(model)
+
+    def step_sums(self, values: list[float], flags: list[int]) -> tuple[list[float], list[int]]:
+        """One all-reduce per step (one host sync): `values` summed over the data-parallel replicas, and
+        `flags` summed over every rank (a stop request may reach only some ranks, TP peers included). Both
+        go over the whole world: the TP ranks of a replica hold the same values, so the world sum is TP times
+        the replicas' sum, divided back exactly (integers below 2^53 in float64)."""
+        t = torch.tensor([*values, *flags], dtype=torch.float64, device=self.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        out = t.tolist()
+        tp = self.ranks.tp_size
+        return [v / tp for v in out[:len(values)]], [int(f) for f in out[len(values):]]
 
     def dp_sum(self, values) -> list[float]:
         """Sum over data parallelism (one all-reduce) and bring the values to the host (one sync)."""

@@ -99,9 +99,12 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations between TP ranks (megatron-core sequence parallelism)."""
     bf16: bool = False
-    """bf16 autocast with fp32 master weights and optimizer state."""
+    """bf16 activations (the residual stream and what backward saves) under autocast; fp32 master weights
+    and optimizer state, norms and softmax computed in fp32."""
     transformer_impl: str = field(default="local", metadata={"choices": ("local", "transformer_engine")})
     """Linear layers: megatron-core local or Transformer Engine."""
+    compile: bool = False
+    """torch.compile each encoder layer (once: micro-batches have static shapes; docs/TRAINING.md)."""
 
     def __post_init__(self):
         _check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
@@ -131,8 +134,9 @@ class DataConfig:
     """Share of the selected tokens replaced by a random token (the rest stay)."""
     eval_mask_rate: float = 0.15
     """Fixed masking rate of the validation loss."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (batches are identical with any number)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank, building the next steps while the device trains (batches are
+    identical with any number; 0 builds them in the training process)."""
     data_cache_path: Optional[str] = field(default=None, metadata={"metavar": "DIR"})
     """Where the sample indices (document order, packing, blend) are built once and read from by every rank;
     default: a cache/ folder beside each dataset. Must be shared by all ranks of a node or more."""

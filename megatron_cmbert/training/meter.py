@@ -3,9 +3,11 @@
 It exists so that the loop only says "a step of N tokens happened" and "this stretch (eval, save) is not
 training": the FLOP count of the model, the peak of the device it runs on and the clock live here.
 
-MFU = (model FLOPs per token x tokens per second) / (dense peak of one device x number of devices).
-The FLOP count is the model's arithmetic (3x the forward: backward = 2x forward), not what the kernels
-execute (no recomputation, no padding), so it compares across implementations.
+MFU = (model FLOPs per second) / (dense peak of one device x number of devices). The FLOP count is the
+model's arithmetic on the real documents (3x the forward: backward = 2x forward), not what the kernels
+execute (no recomputation, no padding tokens, no masked-out attention pairs), so it compares across
+implementations: attention is counted per document, a local layer's keys capped at its window.
+`model_flops` is the one formula; the trainer's meter and tools/bench_train.py both report it.
 """
 from __future__ import annotations
 
@@ -14,24 +16,40 @@ import re
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
 
-def train_flops_per_token(config, seq_len: int, predicted_share: float) -> float:
-    """Training FLOPs per token (3x forward) of the encoder at sample length `seq_len`, with the MLM head
-    applied to `predicted_share` of the tokens.
+def attention_pairs(lengths, half_window: Optional[int] = None) -> int:
+    """Query-key pairs attended over documents of these lengths: L^2 each for global attention; with keys
+    |i - j| <= half_window, L + 2 * sum_{d=1..m} (L - d), m = min(half_window, L - 1)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if half_window is None:
+        return int((lengths * lengths).sum())
+    m = np.minimum(half_window, np.maximum(lengths - 1, 0))
+    return int((lengths + 2 * (m * lengths - m * (m + 1) // 2)).sum())
 
-    Per layer and token, forward: the linears 2*(Wqkv 3H^2 + Wo H^2 + Wi 2HI + Wo' IH) = 2*(4H^2 + 3HI);
-    attention scores and values 4*H*L, L = the keys one query sees (S for a global layer, the window
-    local_attention + 1 for a local one). Head: 2*(H^2 + V*H) per predicted token (dense + decoder).
-    """
+
+def model_flops(config, lengths, num_predicted: int) -> float:
+    """Training FLOPs (3x forward) of one batch of real documents of `lengths` tokens, the MLM head applied
+    to `num_predicted` of them.
+
+    Forward, per token and layer, the linears 2*(Wqkv 3H^2 + Wo H^2 + Wi 2HI + Wo' IH) = 2*(4H^2 + 3HI); per
+    attended query-key pair and layer 4*H (scores and values); per predicted token the head 2*(H^2 + V*H)
+    (dense + decoder)."""
     h, i, v = config.hidden_size, config.ffn_hidden_size, config.vocab_size
-    linear = 2 * (4 * h * h + 3 * h * i) * config.num_layers
-    window = config.local_attention + 1
-    attention = sum(4 * h * (seq_len if kind == "full_attention" else min(window, seq_len))
-                    for kind in config.layer_types)
-    head = 2 * (h * h + v * h) * predicted_share
+    tokens = int(np.asarray(lengths).sum())
+    linear = 2 * (4 * h * h + 3 * h * i) * config.num_layers * tokens
+    pairs = {kind: attention_pairs(lengths, None if kind == "full_attention" else config.local_attention // 2)
+             for kind in set(config.layer_types)}
+    attention = sum(4 * h * pairs[kind] for kind in config.layer_types)
+    head = 2 * (h * h + v * h) * num_predicted
     return 3.0 * (linear + attention + head)
+
+
+def train_flops_per_token(config, seq_len: int, predicted_share: float) -> float:
+    """model_flops per token for documents of exactly `seq_len` tokens (the paper's fixed-length view)."""
+    return model_flops(config, [seq_len], predicted_share * seq_len) / seq_len
 
 
 # Dense (no structured sparsity) tensor-core peaks for bf16/fp16 with fp32 accumulation, FLOP/s, from the
@@ -108,9 +126,10 @@ class ThroughputMeter:
         self.excluded = 0.0
         self.start = self._now()
 
-    def add(self, step_tokens: int, seq_len: int, predicted_share: float) -> None:
+    def add(self, step_tokens: int, step_flops: float) -> None:
+        """A step of `step_tokens` real tokens and `step_flops` model FLOPs (model_flops), all replicas."""
         self.tokens += step_tokens
-        self.flops += step_tokens * train_flops_per_token(self.config, seq_len, predicted_share)
+        self.flops += step_flops
 
     @contextlib.contextmanager
     def paused(self):
@@ -124,7 +143,8 @@ class ThroughputMeter:
     def report(self) -> dict:
         """{"tokens_per_s", and "mfu" when the device's peak is known} since the last report; resets."""
         elapsed = max(self._now() - self.start - self.excluded, 1e-9)
-        out = {"tokens_per_s": self.tokens / elapsed}
+        out = {"tokens_per_s": self.tokens / elapsed,
+               "tflops_per_device": self.flops / elapsed / self.world_size / 1e12}
         if self.peak:
             out["mfu"] = self.flops / elapsed / (self.peak * self.world_size)
         self._reset()

@@ -28,7 +28,6 @@ already be reduced over data parallelism (DDP does it).
 """
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterable
 
@@ -102,29 +101,40 @@ def param_groups(model: nn.Module, weight_decay: float = 0.1, decay_embeddings: 
 @torch.no_grad()
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, tp_group=None) -> torch.Tensor:
     """Scale grads so that their global L2 norm is at most max_norm (coefficient max_norm / (norm + 1e-6),
-    as torch and megatron-core); returns the norm before clipping as a 0-d fp32 tensor.
+    as torch and megatron-core); returns the norm before clipping as a 0-d fp32 tensor, on the device.
 
-    Sharded grads (`tensor_model_parallel`) are summed over tp_group; replicated grads, identical on every TP
-    rank, are counted once. A non-finite norm leaves the grads untouched (megatron-core does the same), so
-    the caller can see it and skip the step. Every TP rank must call it (a collective when tp_group is set)."""
+    Multi-tensor (torch._foreach_norm / _foreach_mul_ per device and dtype) and free of host syncs: the
+    coefficient stays on the device. Sharded grads (`tensor_model_parallel`) are summed over tp_group;
+    replicated grads, identical on every TP rank, are counted once. A non-finite norm leaves the grads
+    untouched (coefficient 1, as megatron-core), so the caller can see it and skip the step. Every TP rank
+    must call it (a collective when tp_group is set)."""
     params = [p for p in params if p.grad is not None]
     device = params[0].grad.device if params else torch.device("cpu")
     # [sharded, replicated] sums of squares in fp64: the sharded part is summed over ranks, whose order
     # differs from the single-device sum, and fp64 keeps that from showing in the returned norm.
     squares = torch.zeros(2, dtype=torch.float64, device=device)
-    for p in params:
-        norm = torch.linalg.vector_norm(p.grad.detach(), 2.0, dtype=torch.float32).double()
-        squares[0 if is_tensor_parallel(p) else 1] += norm * norm
+    for sharded in (True, False):
+        for grads in _by_device_and_dtype([p.grad for p in params if is_tensor_parallel(p) == sharded]).values():
+            norms = torch.stack(torch._foreach_norm(grads, 2.0)).double()
+            squares[0 if sharded else 1] += (norms * norms).sum()
     if _active(tp_group):
         sharded = squares[:1].clone()
         _all_reduce_sum(sharded, tp_group)
         squares[0] = sharded[0]
     total = squares.sum().sqrt()
-    coefficient = max_norm / (total.item() + 1e-6)
-    if math.isfinite(coefficient) and coefficient < 1.0:
-        for p in params:
-            p.grad.detach().mul_(coefficient)
+    coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    coefficient = torch.where(torch.isfinite(coefficient), coefficient, torch.ones_like(coefficient))
+    for grads in _by_device_and_dtype([p.grad for p in params]).values():
+        torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
     return total.float()
+
+
+def _by_device_and_dtype(tensors) -> dict:
+    """Tensors grouped by (device, dtype): a foreach kernel takes one of each."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
 
 
 def _debiased(beta: float, step: int) -> float:
@@ -137,8 +147,9 @@ class StableAdamW(torch.optim.Optimizer):
     weight decay 0.1 (param_groups gives norm weights and biases 0.0), eps 1e-6.
 
     tp_group: the tensor-parallel process group, or None (no reduction). Moments have the parameter's dtype
-    (keep fp32 master weights under mixed precision); rms is computed in at least fp32. After each step
-    `self.stats` holds {"tensors", "clipped", "max_rms"} for logging; it is not part of the state dict.
+    (keep fp32 master weights under mixed precision); rms is computed in at least fp32. The step is
+    multi-tensor (torch._foreach_*) and reads nothing back to the host. After each step `self.stats` holds
+    {"tensors": int, "clipped": 0-d tensor, "max_rms": 0-d tensor} for logging; not part of the state dict.
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-6,
@@ -190,53 +201,71 @@ class StableAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Pass 1: moments and the local sum of g^2 / max(v, eps^2) of every tensor.
-        work, sums, counts = [], [], []
+        # Tensors with a grad, in group order, batched per (group, step count, device, dtype) for the
+        # multi-tensor kernels: one launch per operation and batch instead of one per tensor.
+        work = []  # (group, param, state)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            eps = group["eps"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("StableAdamW does not support sparse gradients")
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state.update(step=0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
                 state["step"] += 1
-                b1, b2 = _debiased(beta1, state["step"]), _debiased(beta2, state["step"])
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1.0 - b1)
-                exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-                dtype = torch.promote_types(p.dtype, torch.float32)
-                ratio = grad.to(dtype).square().div_(exp_avg_sq.to(dtype).clamp_min(eps * eps))
-                sums.append(ratio.sum().double())
-                counts.append(float(grad.numel()))
-                work.append((group, p, exp_avg, exp_avg_sq))
+                work.append((group, p, state))
         if not work:
             self.stats = {"tensors": 0, "clipped": 0, "max_rms": 0.0}
             return loss
+        batches: dict = {}
+        for i, (group, p, state) in enumerate(work):
+            key = (id(group), state["step"], p.device, p.dtype)
+            batches.setdefault(key, (group, state["step"], []))[2].append(i)
+
+        # Pass 1: moments and each tensor's sum of g^2 / max(v, eps^2) = ||g / sqrt(max(v, eps^2))||^2.
+        sums = [None] * len(work)
+        for group, step, idx in batches.values():
+            (beta1, beta2), eps = group["betas"], group["eps"]
+            b1, b2 = _debiased(beta1, step), _debiased(beta2, step)
+            grads = [work[i][1].grad for i in idx]
+            exp_avgs = [work[i][2]["exp_avg"] for i in idx]
+            exp_avg_sqs = [work[i][2]["exp_avg_sq"] for i in idx]
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - b1)
+            torch._foreach_mul_(exp_avg_sqs, b2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - b2)
+            dtype = torch.promote_types(grads[0].dtype, torch.float32)
+            up = (lambda ts: [t.to(dtype) for t in ts]) if dtype != grads[0].dtype else (lambda ts: ts)
+            scaled = torch._foreach_div(up(grads), torch._foreach_sqrt(torch._foreach_clamp_min(up(exp_avg_sqs),
+                                                                                              eps * eps)))
+            for i, norm in zip(idx, torch._foreach_norm(scaled, 2.0)):
+                sums[i] = norm.double() * norm.double()
 
         # One all-reduce of [sums of sharded tensors..., their counts...] for the logical-tensor means.
         sums = torch.stack(sums)
-        counts = torch.tensor(counts, dtype=torch.float64, device=sums.device)
+        counts = torch.tensor([float(p.grad.numel()) for _, p, _ in work], dtype=torch.float64, device=sums.device)
         if _active(self.tp_group):
-            split = [i for i, (_, p, _, _) in enumerate(work) if is_tensor_parallel(p)]
-            idx = torch.tensor(split, dtype=torch.long, device=sums.device)
-            if idx.numel():
+            split = [i for i, (_, p, _) in enumerate(work) if is_tensor_parallel(p)]
+            if split:
+                idx = torch.tensor(split, dtype=torch.long, device=sums.device)
                 packed = torch.cat([sums[idx], counts[idx]])
                 _all_reduce_sum(packed, self.tp_group)
-                sums[idx], counts[idx] = packed[:idx.numel()], packed[idx.numel():]
-        rms = (sums / counts).sqrt().tolist()  # the step's only host sync
+                sums[idx], counts[idx] = packed[:len(split)], packed[len(split):]
+        rms = (sums / counts).sqrt()  # stays on the device: no host sync in the step
+        scale = 1.0 / rms.clamp(min=1.0)  # lr_t = lr / max(1, rms)
 
-        # Pass 2: clipped learning rate, decoupled weight decay, Adam update.
-        for (group, p, exp_avg, exp_avg_sq), r in zip(work, rms):
-            lr = group["lr"] / max(1.0, r)
+        # Pass 2: clipped learning rate, decoupled weight decay, Adam update; per-tensor factors as 0-d
+        # device tensors (torch.optim's capturable trick: fold -lr_t into the denominator).
+        for group, step, idx in batches.values():
+            params = [work[i][1] for i in idx]
+            exp_avgs = [work[i][2]["exp_avg"] for i in idx]
+            lr_t = (scale[idx] * group["lr"]).to(params[0].dtype)
             if group["weight_decay"] != 0.0:
-                p.mul_(1.0 - lr * group["weight_decay"])
-            p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-lr)
-        self.stats = {"tensors": len(rms), "clipped": sum(r > 1.0 for r in rms), "max_rms": max(rms)}
+                torch._foreach_mul_(params, list((1.0 - lr_t * group["weight_decay"]).unbind()))
+            denom = torch._foreach_sqrt([work[i][2]["exp_avg_sq"] for i in idx])
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_div_(denom, list((-lr_t).unbind()))
+            torch._foreach_addcdiv_(params, exp_avgs, denom)
+        self.stats = {"tensors": len(work), "clipped": (rms > 1.0).sum(), "max_rms": rms.max()}
         return loss

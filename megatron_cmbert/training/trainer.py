@@ -14,9 +14,13 @@ global batch, whatever the layout: each micro-batch contributes sum(token losses
 of the global batch, all-reduced over DP before the backward passes), and gradients are summed over
 DP. So TP=2, DP=2 and a single process give the same loss and the same update at equal tokens per step.
 
-Host synchronisation: per step, one small all-reduce of the step's token counts (the normaliser above is
-needed before the first backward) and the gradient norm (it decides whether the update is taken); the loss
-and accuracy sums stay on the device and are reduced once per logged step.
+Static shapes and host synchronisation: every micro-batch has the shapes its configuration fixes
+(data/microbatch.py), and everything the step needs to know about it (lengths, real and predicted token
+counts, the positions the head scores) comes from the loader on the host. A step reads the device twice:
+one all-reduce of the step's counts, its model FLOPs and the ranks' stop requests (the normaliser is needed
+before the first backward), and the gradient norm (it decides whether the update is taken). Loss and
+accuracy sums stay on the device and are reduced once per logged step. With --compile each encoder layer is
+compiled once (torch.compile per block, torchtitan's way); the static shapes keep it from recompiling.
 """
 from __future__ import annotations
 
@@ -32,16 +36,17 @@ import torch
 
 from megatron_cmbert.checkpoint.records import RunRecord, TrainState
 from megatron_cmbert.checkpoint.store import delete_after, load_latest, save_checkpoint
-from megatron_cmbert.data.masking import IGNORE_INDEX, MaskingConfig
+from megatron_cmbert.data.masking import MaskingConfig
+from megatron_cmbert.data.microbatch import DeviceBatch, MicroBatchShape
 from megatron_cmbert.data.pretrain_data import MicroBatchSchedule, PretrainSamples, StepSchedule, step_loader
 from megatron_cmbert.data.tokenizer import CLS_ID, MASK_ID, SEP_ID, load_tokenizer
 from megatron_cmbert.errors import ToolFailure
 from megatron_cmbert.parallel.layout import ParallelLayout
 from megatron_cmbert.training.config import OptimizerConfig
-from megatron_cmbert.training.meter import ThroughputMeter
+from megatron_cmbert.training.meter import ThroughputMeter, model_flops
 from megatron_cmbert.training.metrics import MetricsLog
 from megatron_cmbert.training.optimizer import StableAdamW, clip_grad_norm, param_groups
-from megatron_cmbert.training.preemption import StopSignal
+from megatron_cmbert.training.preemption import REASONS, StopSignal
 from megatron_cmbert.training.run import Run, check_resume
 from megatron_cmbert.training.schedules import apply_lr, mask_rate_at
 
@@ -53,6 +58,16 @@ class NonFiniteLossError(ToolFailure, RuntimeError):
 def _constant(rate: float, step: int) -> float:
     """The validation masking rate at any step (module level: loader workers pickle it)."""
     return rate
+
+
+def max_mask_rate(schedule) -> float:
+    """The highest masking rate the schedule reaches (it bounds the predicted tokens of a micro-batch)."""
+    return schedule.mask_rate if schedule.mask_schedule == "constant" else schedule.mask_rate_max
+
+
+def eager():
+    """Run compiled modules eagerly inside the block (shapes other than training's)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def build_optimizer(model, opt: OptimizerConfig, lr: float, tp_group=None) -> StableAdamW:
@@ -69,7 +84,7 @@ class Trainer:
         self.parallel = ParallelLayout(par.tensor_model_parallel_size, par.sequence_parallel, par.transformer_impl,
                                        cfg.seed)
         self.ranks, self.device = self.parallel.ranks, self.parallel.device
-        self.model = self.parallel.build_model(run.model)
+        self.model = self.parallel.build_model(run.model, compile=par.compile)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule.lr, self.parallel.tp_group)
         self.step = self.consumed_samples = self.tokens_seen = 0
         self.train_loss: Optional[float] = None
@@ -93,6 +108,9 @@ class Trainer:
         masking = MaskingConfig(mask_token_id=MASK_ID, vocab_size=vocab, mask_prob=data.mask_prob,
                                 random_prob=data.random_prob, granularity=data.masking)
         seed = self.cfg.seed
+        self.shape = MicroBatchShape.for_run(data.micro_batch_size, data.seq_length,
+                                             max(max_mask_rate(self.schedule), data.eval_mask_rate),
+                                             self.ranks.tp_size if self.cfg.parallel.sequence_parallel else 1)
         self.train_data = PretrainSamples(data.data_path, data.split, "train", data.seq_length, seed,
                                           self.schedule.train_iters * gbs, masking, cache_dir=data.data_cache_path)
         self.valid_data = None
@@ -130,9 +148,11 @@ class Trainer:
             return {}
         self.model.eval()
         log = self.cfg.logging
-        results = evaluate_lengths(model_nll_fn(self.model), *self.pppl_pool, log.eval_pppl_lengths,
-                                   cls_id=CLS_ID, sep_id=SEP_ID, mask_id=MASK_ID, max_units=log.eval_pppl_max_units,
-                                   seed=self.cfg.seed, bootstrap=0, device=self.device)
+        with eager():  # its windows have other shapes than training's: not worth compiling
+            results = evaluate_lengths(model_nll_fn(self.model), *self.pppl_pool, log.eval_pppl_lengths,
+                                       cls_id=CLS_ID, sep_id=SEP_ID, mask_id=MASK_ID,
+                                       max_units=log.eval_pppl_max_units, seed=self.cfg.seed, bootstrap=0,
+                                       device=self.device)
         return {f"valid_pppl_{r.length}": r.pppl for r in results}
 
     def _print(self, text: str, file=None) -> None:
@@ -179,34 +199,42 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
     def _forward(self, model, mb):
-        """(sum of token losses, correct predictions, predicted tokens) of one micro-batch, on the device."""
-        dev = self.device
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.parallel.bf16):
-            out = model(mb.input_ids.to(dev), mb.cu_seqlens.to(dev), mb.max_seqlen, labels=mb.labels.to(dev))
-        return out.loss.float() * out.num_predicted, out.num_correct, out.num_predicted
+        """(sum of token losses, correct predictions) of one micro-batch, on the device; nothing read back."""
+        batch = DeviceBatch.of(mb, self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.parallel.bf16):
+            out = model(batch.input_ids, batch.layout, labels=batch.labels, predicted_index=batch.predicted_index,
+                        num_predicted=batch.num_predicted)
+        return out.loss.float() * mb.num_predicted, out.num_correct
 
-    def train_step(self, micro_batches) -> dict:
-        """One optimizer step over this rank's micro-batches. The loss/accuracy sums are left on the
-        device (reduce them with `step_metrics` when logging)."""
+    def train_step(self, micro_batches, stop: Optional[StopSignal] = None) -> Optional[dict]:
+        """One optimizer step over this rank's micro-batches, or None (nothing trained) when any rank was
+        asked to stop: that request travels with the step's one all-reduce. The loss/accuracy sums are left
+        on the device (reduce them with `step_metrics` when logging)."""
         self.model.train()
         for p in self.model.parameters():
             p.grad = None
-        local_predicted = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)
-        local_tokens = sum(mb.input_ids.numel() for mb in micro_batches)
-        global_predicted, global_tokens = self.parallel.dp_sum([local_predicted, local_tokens])
+        counts = [sum(mb.num_predicted for mb in micro_batches), sum(mb.num_tokens for mb in micro_batches),
+                  sum(model_flops(self.config, mb.real_lengths, mb.num_predicted) for mb in micro_batches)]
+        code = REASONS.index(stop.local_reason() if stop else None)
+        sums, requests = self.parallel.step_sums(counts, [int(code == c) for c in range(1, len(REASONS))])
+        global_predicted, global_tokens, flops = sums
+        asked = [REASONS[c + 1] for c, n in enumerate(requests) if n]
+        if asked:
+            self.stop_reason = asked[-1]  # the most severe reason any rank has
+            return None
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, mb in enumerate(micro_batches):
             # DDP reduces the gradients once, during the last micro-batch's backward
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else self.dp_model.no_sync():
-                ls, c, _ = self._forward(self.dp_model, mb)
+                ls, c = self._forward(self.dp_model, mb)
                 (ls / max(global_predicted, 1.0)).backward()
             loss_sum += ls.detach().double()
             correct += c.double()
         self.parallel.finish_grads(self.model)
         opt = self.cfg.optimizer
-        grad_norm = clip_grad_norm(self.model.parameters(), opt.clip_grad, self.parallel.tp_group).item()
+        grad_norm = float(clip_grad_norm(self.model.parameters(), opt.clip_grad, self.parallel.tp_group))
         lr = apply_lr(self.optimizer, self.step, self.schedule)
         finite = math.isfinite(grad_norm)  # a non-finite loss on any rank makes every gradient non-finite
         if finite:
@@ -215,8 +243,8 @@ class Trainer:
             raise NonFiniteLossError(f"step {self.step + 1}: grad norm {grad_norm} is not finite; stopping "
                                      f"(--skip-nan-steps skips such steps instead)")
         return {"loss_sum": loss_sum, "correct": correct, "predicted": global_predicted, "tokens": int(global_tokens),
-                "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
-                "max_seqlen": max(mb.max_seqlen for mb in micro_batches), "mask_rate": micro_batches[0].mask_rate}
+                "flops": flops, "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
+                "mask_rate": micro_batches[0].mask_rate}
 
     def step_metrics(self, stats: dict) -> dict:
         """The logged row of a step: its loss and accuracy reduced over DP (one all-reduce, one sync)."""
@@ -232,24 +260,33 @@ class Trainer:
         self.model.eval()
         data = self.cfg.data
         schedule = MicroBatchSchedule(self.valid_data, data.global_batch_size, data.micro_batch_size,
-                                      self.dp_size, self.ranks.dp_rank, partial(_constant, data.eval_mask_rate))
+                                      self.dp_size, self.ranks.dp_rank, partial(_constant, data.eval_mask_rate),
+                                      shape=self.shape)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         predicted = 0
         for k in range(len(schedule)):
-            ls, _, n = self._forward(self.model, schedule[k])
+            mb = schedule[k]
+            ls, _ = self._forward(self.model, mb)
             loss_sum += ls.double()
-            predicted += int(n)
+            predicted += mb.num_predicted
         loss_sum, predicted = self.parallel.dp_sum([loss_sum, torch.tensor(float(predicted), device=self.device)])
         return loss_sum / max(predicted, 1.0)
 
     # -- the loop ----------------------------------------------------------------------------------
+    def run_loader(self):
+        """The steps from the current one to --train-iters, each a list of this rank's micro-batches, built
+        ahead by --num-workers loader processes (pinned for asynchronous copies on CUDA)."""
+        data, total = self.cfg.data, self.schedule.train_iters
+        return step_loader(StepSchedule(self.train_data, data.global_batch_size, data.micro_batch_size,
+                                        self.dp_size, self.ranks.dp_rank, partial(mask_rate_at, cfg=self.schedule),
+                                        first_step=self.step, num_steps=total - self.step, shape=self.shape),
+                           data.num_workers, pin_memory=self.device.type == "cuda")
+
     def run(self) -> list[dict]:
         """Train to --train-iters or until stopped; returns the logged rows."""
         cfg, data = self.cfg, self.cfg.data
         log, ck, total = cfg.logging, cfg.checkpoint, self.schedule.train_iters
-        loader = step_loader(StepSchedule(self.train_data, data.global_batch_size, data.micro_batch_size,
-                                          self.dp_size, self.ranks.dp_rank, partial(mask_rate_at, cfg=self.schedule),
-                                          first_step=self.step, num_steps=total - self.step), data.num_workers)
+        loader = self.run_loader()
         if self.step >= total:
             self._print(f"nothing to do: step {self.step} is --train-iters {total}")
         stop = StopSignal(ck.exit_duration_in_mins)
@@ -257,11 +294,15 @@ class Trainer:
         history = []
         try:
             for micro_batches in loader:
-                stats = self.train_step(micro_batches)
+                # the stop requests travel with the next step's all-reduce: none before this run's first step,
+                # so a stop comes after a step, as before
+                stats = self.train_step(micro_batches, stop if self.step > self.start_step else None)
+                if stats is None:  # a rank was asked to stop: agreed before the step, nothing trained
+                    break
                 self.step += 1
                 self.consumed_samples += data.global_batch_size
                 self.tokens_seen += stats["tokens"]
-                self.meter.add(stats["tokens"], stats["max_seqlen"], stats["mask_rate"])
+                self.meter.add(stats["tokens"], stats["flops"])
                 if self.step % log.log_interval == 0 or self.step == total:
                     history.append(self._log(stats))
                 do_eval = log.eval_interval and self.step % log.eval_interval == 0
@@ -272,10 +313,8 @@ class Trainer:
                             self._evaluate_and_log()
                         if do_save:
                             self.save()
-                self.stop_reason = stop.check()
-                if not self.stop_reason and ck.exit_interval and self.step % ck.exit_interval == 0:
+                if ck.exit_interval and self.step % ck.exit_interval == 0:
                     self.stop_reason = f"--exit-interval {ck.exit_interval}"
-                if self.stop_reason:
                     break
             if ck.save and self.step != self.saved_step:
                 with self.meter.paused():
@@ -305,6 +344,7 @@ class Trainer:
     def _format(self, r: dict) -> str:
         text = (f"step {r['step']:>7d} | loss {r['loss']:.4f} | acc {r['accuracy']:.4f} | lr {r['lr']:.3e} | "
                 f"mask {r['mask_rate']:.3f} | grad norm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s")
+        text += f" | {r['tflops_per_device']:.3g} TFLOP/s/device"
         if "mfu" in r:
             text += f" | MFU {100 * r['mfu']:.1f}%"
         return text + (" | SKIPPED (non-finite)" if r["skipped"] else "")
