@@ -76,7 +76,18 @@ def test_preset_without_checkpoint_and_errors(tmp_path, tokenizer_dir, capsys):
     config = get_preset("tiny", vocab_size=load_tokenizer(tokenizer_dir).get_vocab_size())
     assert row["attention_backend"] == "reference" and row["parameters"] == count_parameters(config).parameters
     assert bench_throughput.main(["--hf", str(tmp_path / "nothing"), "--smoke", "--output-json", str(tmp_path / "x.json"),
-                                  "--no-progress"]) == 1
+                                  "--no-progress"]) == 2  # a user error: the directory named
     assert "error:" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
-    with pytest.raises(SystemExit):
-        bench_throughput.main(["--smoke"])  # no model
+    assert bench_throughput.main(["--smoke"]) == 2  # no model
+    assert "give at least one model" in capsys.readouterr().err
+
+
+def test_compiled_and_eager_rows_side_by_side(tmp_path, tokenizer_dir):
+    """--compile both: the same model and kernels, one row eager and one compiled, each saying which."""
+    report = bench_throughput.run(["--preset", "tiny", "--tokenizer", tokenizer_dir, "--smoke", "--device", "cpu",
+                                   "--kernels", "reference", "--compile", "both", "--max-chars", "64",
+                                   "--batch", "2", "--output-json", str(tmp_path / "c.json"), "--no-progress"])
+    assert [r["compile"] for r in report["rows"]] == [False, True]
+    assert all(r["kernels"] == "attention=reference,rope=reference,geglu=reference,rms_norm=reference"
+               for r in report["rows"])
+    assert all(b["tokens_per_s"] > 0 for r in report["rows"] for b in r["buckets"])

