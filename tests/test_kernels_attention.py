@@ -20,11 +20,15 @@ from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 from dense_attention import dense_fp64
 
 if MODE_OK:
+    from megatron_cmbert.kernels import attention_triton as triton_attention
     from megatron_cmbert.kernels.attention_triton import AttentionConfig, attention_flops, attention_triton
 
 pytestmark = pytest.mark.timeout(600)
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (shape too large for Triton's CPU interpreter)")
 LENGTHS = [1, 7, 130, 257]  # a single token, shorter than a block, straddling blocks, odd
+# Packed data: one long sequence among many short ones (blocks of the token stream span several of them),
+# one-token and zero-length sequences, no length a multiple of a block, empty static-shape padding at the end.
+SKEWED = [0, 200, 1, 0, 0, 5, 2, 3, 0, 37, 1, 3, 0, 70, 1, 9] + [0] * 40
 FP32_SLACK = 2e-6  # ~16 fp32 ulps at O(1) outputs
 
 
@@ -66,6 +70,75 @@ def test_fp32_windows(window):
 @pytest.mark.parametrize("window", [(-1, -1), (64, 64), (1, 0)])
 def test_bf16_head_dim_64(window):
     check(LENGTHS, heads=3, head_dim=64, dtype=torch.bfloat16, window=window, seed=1, noncontiguous=True)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (64, 64), (5, 17), (0, 0), (-1, 3)])
+def test_fp32_skewed_packed_lengths(window):
+    check(SKEWED, heads=2, head_dim=32, dtype=torch.float32, window=window, seed=5)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (64, 64)])
+def test_bf16_skewed_packed_lengths(window):
+    check(SKEWED, heads=2, head_dim=64, dtype=torch.bfloat16, window=window, seed=6, noncontiguous=True)
+
+
+def test_grid_is_the_blocks_of_tokens_whatever_the_sequence_count():
+    # Forward, dK/dV and dQ each launch cdiv(tokens, block) programs per head: no program per (sequence,
+    # block of the longest sequence), none for the 1,000 empty sequences, every one with real rows.
+    from megatron_cmbert.kernels.varlen import PackedLayout
+
+    lengths = [200, 1, 5, 2, 3, 37, 1, 3, 70, 1, 9]
+    total, heads, head_dim = sum(lengths), 2, 32
+    config = AttentionConfig.for_inputs(torch.float32, head_dim)
+    q = torch.zeros(total, heads, head_dim, device=DEVICE)
+    grids = []
+    for padded in (lengths, [0, *lengths[:4], 0, 0, *lengths[4:]] + [0] * 1000):
+        plan = triton_attention.plan(PackedLayout.from_lengths(padded, DEVICE), (64, 64))
+        bounds, fwd, dkdv, dq = triton_attention.op_arguments(plan, config)
+        out, lse, forward = triton_attention.forward_launches(q, q, q, bounds, fwd, 1.0, config)
+        *_, backward = triton_attention.backward_launches(out, q, q, q, out, lse, bounds, dkdv, dq, 1.0, config)
+        grids.append([launch.grid for launch in forward + backward[1:]])
+        assert bounds.shape == (2, total) and bounds.dtype == torch.int32
+    cdiv = lambda b: -(-total // b)  # noqa: E731
+    assert grids[0] == grids[1] == [(cdiv(config.fwd.BLOCK_M), heads), (cdiv(config.dkdv.BLOCK_N), heads),
+                                    (cdiv(config.dq.BLOCK_M), heads)]
+
+
+def test_plan_names_missing_block_sizes():
+    from megatron_cmbert.kernels.varlen import PackedLayout
+
+    plan = triton_attention.plan(PackedLayout.from_lengths([5, 3], DEVICE), (-1, -1), blocks=(64,))
+    config = AttentionConfig.for_inputs(torch.float32, 32, gpu=True)  # owns 128 rows in the forward
+    with pytest.raises(ValueError, match=r"work items for blocks \[64\], the launch settings need 128"):
+        triton_attention.op_arguments(plan, dataclasses.replace(config, fwd=triton_attention.Blocks(128, 64)))
+
+
+def test_custom_op_registration_and_one_compile_per_token_budget():
+    # opcheck: schema, fake (meta) kernel and autograd registration of the custom op. Then torch.compile
+    # (fullgraph, plans built outside as the model does) over three micro-batches of one budget with
+    # different lengths, sequence counts and windows: the plan's shapes are the budget's, so one graph.
+    from megatron_cmbert.kernels.varlen import PackedLayout
+
+    total, config = 96, AttentionConfig.for_inputs(torch.float32, 16)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(total, 2, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    plan = triton_attention.plan(PackedLayout.from_lengths([40, 0, 1, 55], DEVICE), (4, 4))
+    torch.library.opcheck(triton_attention.attention_forward,
+                          (q, k, v, *triton_attention.op_arguments(plan, config), 0.25, config.to_list()))
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(lambda q, k, v, p: triton_attention.attend(q, k, v, p), backend=backend,
+                             fullgraph=True)
+    for lengths, window in [([40, 0, 1, 55], (4, 4)), ([3] * 30 + [6] + [0] * 20, (-1, -1)), ([96], (0, 2))]:
+        plan = triton_attention.plan(PackedLayout.from_lengths(lengths, DEVICE), window)
+        out = compiled(q, k, v, plan)
+        exact = dense_fp64(q.detach(), k.detach(), v.detach(), lengths, window)
+        assert (out.detach().double() - exact).abs().max() < 1e-5
+    assert len(graphs) == 1
 
 
 def _sweep_options():
