@@ -48,12 +48,12 @@ def test_block_tables_expand_to_the_dense_mask(window, block):
     total = layout.total
     tables = attention_flex.block_tables(layout.lengths, window, total, block)
     n = -(-total // block)
-    assert [t.shape for t in tables] == [(n,), (n, n), (n,), (n, n)]
+    assert [t.shape for t in tables] == [(n,), (n, n)] * 4
     bounded = torch.tensor([w if w >= 0 else total for w in window])
     mask_mod = attention_flex._mask_mod(layout.positions, bounded)
     dense = construct_local_mask(SKEWED, window)
-    assert torch.equal(expand([torch.from_numpy(t) for t in tables], block, total, mask_mod), dense)
-    kv_num, kv_idx, full_num, full_idx = tables
+    assert torch.equal(expand([torch.from_numpy(t) for t in tables[:4]], block, total, mask_mod), dense)
+    kv_num, kv_idx, full_num, full_idx = tables[:4]
     for i in range(n):  # every listed block holds a pair that is attended; a full block only such pairs
         rows = dense[i * block:(i + 1) * block]
         for j in kv_idx[i, :kv_num[i]]:
@@ -61,6 +61,21 @@ def test_block_tables_expand_to_the_dense_mask(window, block):
         for j in full_idx[i, :full_num[i]]:
             assert rows[:, j * block:(j + 1) * block].all()
         assert not set(kv_idx[i, :kv_num[i]]) & set(full_idx[i, :full_num[i]])
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_key_block_side_is_flex_own_transpose(window):
+    # The backward walks the key-block side (q_num_blocks, q_indices); the plan computes it on the host, and
+    # it must be what BlockMask.from_kv_blocks derives on the device from the query-block side.
+    layout = PackedLayout.from_lengths(SKEWED)
+    ours = attention_flex.plan(layout, window).block_mask
+    theirs = flex.BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks,
+                                           ours.full_kv_indices, BLOCK_SIZE=attention_flex.BLOCK,
+                                           seq_lengths=(layout.total, layout.total))
+    for num, idx in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        assert torch.equal(getattr(ours, num), getattr(theirs, num))
+        for row, count in enumerate(getattr(ours, num)[0, 0].tolist()):
+            assert torch.equal(getattr(ours, idx)[0, 0, row, :count], getattr(theirs, idx)[0, 0, row, :count])
 
 
 @pytest.mark.parametrize("window", [(-1, -1), (64, 64), (3, 1)])
@@ -89,7 +104,7 @@ def test_plan_shapes_depend_only_on_the_token_budget_and_one_compile_serves_all(
         plan = attention_flex.plan(layout, window)
         mask = plan.block_mask
         shapes.add(tuple(tuple(t.shape) for t in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
-                                                  mask.full_kv_indices)))
+                                                  mask.full_kv_indices, mask.q_num_blocks, mask.q_indices)))
         q, k, v = (torch.randn(256, 2, 16) for _ in range(3))
         torch.testing.assert_close(compiled(q, k, v, plan).double(), dense_fp64(q, k, v, lengths, window),
                                    atol=2e-6, rtol=0)
@@ -102,6 +117,7 @@ def test_plan_reads_no_device_offsets():
     poisoned = PackedLayout(layout.lengths, torch.full_like(layout.cu_seqlens, -7), layout.positions,
                             layout.max_seqlen)
     a, b = (attention_flex.plan(x, (64, 64)).block_mask for x in (layout, poisoned))
-    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert np.all(a.to_dense().numpy() == b.to_dense().numpy())

@@ -2,10 +2,10 @@
 
 Meant for GPUs (compiled). On CPU with torch 2.13 the forward runs (uncompiled), the backward raises, so the
 registry marks it CUDA-only. The block mask is the plan: built once per micro-batch and window and shared by
-every layer with that window. It is made on the host from the lengths (kernels/block_plan.py: which keys
-each block of 128 queries reaches, and which key blocks every one of its queries sees), with
-`BlockMask.from_kv_blocks`, so nothing evaluates the mask over tokens x tokens, nothing reads the device, and
-the block tables are sent in one non-blocking copy. Their shapes depend only on the token count, and the
+every layer with that window. Its block tables are made on the host from the lengths (kernels/block_plan.py:
+which keys each block of 128 queries reaches, and which key blocks every one of its queries sees), so
+nothing evaluates the mask over tokens x tokens (create_block_mask) and nothing reads the device; all eight
+tables go to the device in one non-blocking copy. Their shapes depend only on the token count, and the
 mask function reads the window and the token positions from tensors, so under a fixed token budget one
 compiled flex kernel serves every micro-batch and both windows.
 """
@@ -31,9 +31,12 @@ class FlexPlan:
 
 
 def block_tables(lengths, window, total: int, block: int = BLOCK) -> tuple[np.ndarray, ...]:
-    """(kv_num, kv_indices, full_num, full_indices) int32, shapes (n,), (n, n), (n,), (n, n) with
-    n = cdiv(total, block): per query block, its partial key blocks (the mask function decides per token) and
-    its full ones (every query sees every key), indices first in each row as BlockMask wants them."""
+    """The eight BlockMask tables, int32: (kv_num, kv_indices, full_kv_num, full_kv_indices) per query block,
+    then (q_num, q_indices, full_q_num, full_q_indices) per key block (what flex's backward walks), shapes
+    (n,) and (n, n) with n = cdiv(total, block). Partial blocks get the mask function per token, full ones
+    (every query sees every key) none; in each row the chosen blocks come first, in order, as BlockMask
+    wants. The key-block side is the transpose, computed here too rather than by BlockMask.from_kv_blocks on
+    the device (a vmap and two argsorts per plan)."""
     lo, hi = token_key_bounds(lengths, window)
     ranges = block_ranges(lo, hi, block)  # per query block: [lo, hi, full_lo, full_hi] in tokens
     n = ranges.shape[0]
@@ -47,7 +50,7 @@ def block_tables(lengths, window, total: int, block: int = BLOCK) -> tuple[np.nd
     full = (cols >= full_first[:, None]) & (cols < full_end[:, None])
     partial = visited & ~full
     tables = []
-    for chosen in (partial, full):
+    for chosen in (partial, full, partial.T, full.T):
         tables.append(chosen.sum(1).astype(np.int32))
         tables.append(np.argsort(~chosen, axis=1, kind="stable").astype(np.int32))  # chosen blocks first, in order
     return tuple(tables)
@@ -78,9 +81,9 @@ def plan(layout: PackedLayout, window=(-1, -1)) -> FlexPlan:
     for p in parts:
         views.append(flat[offset:offset + p.size].view(p.shape))
         offset += p.size
-    kv_num, kv_idx, full_num, full_idx = (t.view(1, 1, *t.shape) for t in views[:4])
-    block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
-                                          mask_mod=_mask_mod(layout.positions, views[4]), seq_lengths=(total, total))
+    tables = [t.view(1, 1, *t.shape) for t in views[:8]]
+    # The constructor's positional form, the same in torch 2.11 (the GPU image) and 2.13.
+    block_mask = BlockMask((total, total), *tables, (BLOCK, BLOCK), _mask_mod(layout.positions, views[8]))
     return FlexPlan(block_mask, window)
 
 
