@@ -32,7 +32,10 @@ SKEWED = [0, 200, 1, 0, 0, 5, 2, 3, 0, 37, 1, 3, 0, 70, 1, 9] + [0] * 40
 FP32_SLACK = 2e-6  # ~16 fp32 ulps at O(1) outputs
 
 
-def check(lengths, heads, head_dim, dtype, window, seed=0, scale=None, noncontiguous=False, config=None):
+def check(lengths, heads, head_dim, dtype, window, seed=0, scale=None, noncontiguous=False, config=None,
+          dense=True):
+    """dense=False: the fp64 oracle is the per-sequence reference in fp64 (itself checked against the dense one
+    in test_model_attention.py), for micro-batches whose tokens x tokens matrix would not fit."""
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths)
     if noncontiguous:  # the model's layout: views into one fused (T, H, 3, D) projection
@@ -50,7 +53,9 @@ def check(lengths, heads, head_dim, dtype, window, seed=0, scale=None, noncontig
         out.backward(grad.to(out.dtype))
         return [out.detach()] + [t.grad for t in leaves]
 
-    exact = run(lambda *t: dense_fp64(*t, lengths, window, scale), [t.double() for t in (q, k, v)])
+    oracle = (lambda *t: dense_fp64(*t, lengths, window, scale)) if dense else \
+        (lambda *t: attention_reference(*t, cu, max(lengths), window=window, softmax_scale=scale))
+    exact = run(oracle, [t.double() for t in (q, k, v)])
     torch_low = run(lambda *t: attention_reference(*t, cu, max(lengths), window=window, softmax_scale=scale),
                     (q, k, v))
     mine = run(lambda *t: attention_triton(*t, cu, max(lengths), window=window, softmax_scale=scale, config=config),
@@ -181,6 +186,19 @@ def test_window_cost_grows_with_window_not_sequence():
 @pytest.mark.parametrize("window", [(-1, -1), (64, 64), (128, 0)])
 def test_cuda_large(dtype, head_dim, window):
     check([1000, 3000, 17, 513], heads=4, head_dim=head_dim, dtype=dtype, window=window, seed=3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("seq", [8192, 1024])
+@pytest.mark.parametrize("window", [(-1, -1), (64, 64)])
+def test_cuda_packed_training_micro_batch(seq, window):
+    # What training runs: the demo corpus packed into a 32k-token budget (hundreds of short documents, a long
+    # one, the padding sequence, thousands of empty slots), the model's bf16 head_dim 64 in strided views.
+    from tools.bench_kernels import DEMO_CORPUS, corpus_lengths, packed_lengths
+
+    lengths, _ = packed_lengths(corpus_lengths(DEMO_CORPUS, None)[0], seq, 32768)
+    check(lengths, heads=4, head_dim=64, dtype=torch.bfloat16, window=window, seed=8, noncontiguous=True,
+          dense=False)
 
 
 @needs_cuda
