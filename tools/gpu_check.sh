@@ -223,6 +223,7 @@ needs=(torch triton numpy megatron_cmbert)
 [[ " $SELECTED " == *" tests "* ]] && needs+=(pytest pytest_timeout)
 [[ " $SELECTED " == *train* || " $SELECTED " == *table4* ]] && needs+=(tokenizers tqdm)
 [[ " $SELECTED " == *train* ]] && needs+=(megatron.core psutil rjieba)
+[[ " $SELECTED " == *table4* ]] && needs+=(transformers)   # Table 4 wraps our tokenizer as a fast HF one
 if compgen -G "$WHEELS/*.whl" >/dev/null; then   # into a folder of our own: no system-wide pip
     pip_log=$(timeout "$(left)" "$PY" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir \
         --disable-pip-version-check --upgrade --target "$WORK/site" "$WHEELS"/*.whl 2>&1) \
