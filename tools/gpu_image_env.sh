@@ -62,7 +62,8 @@ WORK="$VENV/work"
 mkdir -p "$WORK"
 step interpreter_tests env TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider -rs \
     tests/test_kernels_attention.py tests/test_kernels_ops.py tests/test_kernels_bench.py tests/test_kernels_flex.py \
-    tests/test_kernels_block_plan.py tests/test_kernels_validation.py tests/test_model_attention.py tests/test_gpu_check.py
+    tests/test_kernels_block_plan.py tests/test_kernels_validation.py tests/test_kernels_modes.py tests/test_model_attention.py \
+    tests/test_gpu_check.py
 step compile_tests env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_compile.py
 step compile_kernels env -u TRITON_INTERPRET "$PY" tools/compile_kernels.py
 step bench_kernels_smoke env TRITON_INTERPRET=1 "$PY" tools/bench_kernels.py --smoke --csv "$WORK/bench_smoke.csv"
