@@ -49,7 +49,7 @@ declare -A OUTPUTS=([tests]="gpu_validation.json" [train]="train.json" [attentio
                     [table4]="throughput.json" [train_compile]="train_compile.json" [elementwise]="elementwise.csv"
                     [sweep]="sweep.csv" [attention_equal]="attention_equal.csv")
 
-usage() { sed -n '2,25p' "$SCRIPT" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -uo/p' "$SCRIPT" | grep '^#' | sed 's/^# \{0,1\}//'; }
 
 steps_of_part() {
     local part=$1 name out=()
