@@ -1,6 +1,7 @@
 """Microbenchmark of the Triton kernels against their baselines, on the model's shapes.
 
     python tools/bench_kernels.py [--csv FILE] [--ops attention,rope,geglu,rms_norm] [--modes fwd,bwd,fwd_bwd]
+    python tools/bench_kernels.py --ops attention --cases packed --impls triton,flex   # vs FlexAttention
     python tools/bench_kernels.py --smoke      # tiny shapes, CPU + Triton interpreter: checks the harness (CI)
     python tools/bench_kernels.py --attention-sweep   # + other attention launch settings vs the defaults
 
@@ -8,23 +9,42 @@ Each row: median time, achieved TFLOP/s (attention) or GB/s (the rest), percenta
 this same run (a large device copy, counting read + write bytes; a large bf16 matmul), and each baseline's
 time over ours (>1 = we are faster). Baselines, when importable: the PyTorch reference eager and under
 torch.compile, FlexAttention with a document + window block mask, flash-attn, torch.nn.RMSNorm, Liger.
-The short table is printed last; --csv writes every row.
+The short table is printed last; --csv writes every row as it is timed.
+
+Attention cases, per sequence length S (default 8192 then 1024) and window (global, +-64):
+  packed  a training micro-batch of --tokens tokens: the bundled demo corpus's documents
+          (examples/data/demo_corpus.jsonl) packed by the project's packer (data/packing.py) into samples of
+          at most S tokens, as many samples as fit, then one padding sequence up to the budget and empty
+          sequences up to tokens // 3 slots (the static shapes training runs with). Document lengths are
+          tokens from --tokenizer DIR when given, else characters / 1.35: the corpus's chars per token under a
+          32k tokenizer trained on it (598,229 characters, 443,375 tokens; the per-document ratio spans
+          1.22-1.52 from the 10th to the 90th percentile, median length 55 vs 57, 99th percentile 1,032 vs 1,027);
+  equal   --tokens // S sequences of exactly S tokens.
+Every backend's plan (block masks, work lists) is built once per case outside the timed calls, as the model
+builds one per micro-batch for all its layers; its build time is printed and written as a `plan` row.
+
+Exit status 1 when a Triton row failed (the rows it exists for); a baseline that cannot run is reported.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
+import json
 import os
 import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
-# The 8k cases first: the issue's goals are stated there, and a run cut short keeps them.
-ATTN_CASES = [(8192, (-1, -1)), (8192, (64, 64)), (1024, (-1, -1)), (1024, (64, 64))]  # window 128 = +-64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CORPUS = os.path.join(ROOT, "examples", "data", "demo_corpus.jsonl")
+CHARS_PER_TOKEN = 1.35  # demo corpus, 32k tokenizer trained on it (see the module docstring)
+WINDOWS = ((-1, -1), (64, 64))  # the model's global and local (window 128 = +-64) layers
 FIELDS = ["op", "case", "mode", "impl", "ms", "rate", "unit", "pct_peak", "speedup_vs_this"]
+ATTENTION_IMPLS = ("triton", "flex", "reference", "flash_attn", "compiled_ref")
 
 
 class Rows(list):
@@ -113,26 +133,55 @@ def make_runner(fn, inputs, mode):
     return run
 
 
-def attention_impls(smoke, compile_ok):
-    from megatron_cmbert.kernels.attention_reference import attention_reference
-    from megatron_cmbert.kernels.attention_triton import attention_triton
+def attention_impls(wanted, compile_ok):
+    """{name: (plan(layout, window), attend(q, k, v, plan))} of the attention backends asked for: the registry's
+    own two parts, so each is timed as the model runs it (plan once, attend per layer)."""
+    from megatron_cmbert.kernels import attention_reference
+    from megatron_cmbert.kernels.registry import REGISTRY
 
-    impls = {"triton": attention_triton, "reference": attention_reference}
-    if compile_ok:
-        # Opt-in: the reference loops over documents in Python, so dynamo unrolls up to 64 of them per case
-        # and the compile time would dominate the GPU check's 8-minute budget.
-        impls["compiled_ref"] = torch.compile(attention_reference, dynamic=False)
-    try:
-        from megatron_cmbert.kernels.attention_flex import attention_flex
-        impls["flex"] = attention_flex
-    except ImportError:
-        pass
-    try:
-        from megatron_cmbert.kernels.attention_flash import attention_flash_attn
-        impls["flash_attn"] = attention_flash_attn
-    except ImportError:
-        pass
+    impls = {}
+    for name in wanted:
+        if name == "compiled_ref":
+            if compile_ok:  # opt-in: dynamo unrolls the reference's loop over documents, minutes at packed lengths
+                impls[name] = (attention_reference.plan, torch.compile(attention_reference.attend, dynamic=False))
+            continue
+        entry = REGISTRY["attention", name]
+        try:
+            impls[name] = (entry.load_plan(), (lambda e: lambda q, k, v, p: e.load()(q, k, v, p))(entry))
+        except ImportError as error:
+            if name == "triton":
+                raise
+            print(f"  attention {name}: not importable ({error})")
     return impls
+
+
+def corpus_lengths(path: str, tokenizer: str | None) -> tuple[np.ndarray, str]:
+    """Document lengths in tokens of a jsonl corpus (field "text") and how they were obtained."""
+    with open(path, encoding="utf-8") as fh:
+        texts = [t for t in (json.loads(line).get("text") for line in fh if line.strip()) if t]
+    if tokenizer:
+        from megatron_cmbert.data.tokenizer import load_tokenizer
+
+        encoded = load_tokenizer(tokenizer).encode_batch(texts, add_special_tokens=False)
+        return np.array([len(e.ids) for e in encoded], dtype=np.int64), f"tokenized with {tokenizer}"
+    lengths = np.maximum(1, np.rint(np.array([len(t) for t in texts]) / CHARS_PER_TOKEN)).astype(np.int64)
+    return lengths, f"characters / {CHARS_PER_TOKEN}"
+
+
+def packed_lengths(doc_lengths: np.ndarray, seq: int, budget: int, seed: int = 0) -> tuple[list[int], str]:
+    """A micro-batch as training builds it (see the module docstring): lengths and a one-line description."""
+    from megatron_cmbert.data.packing import pack_documents
+
+    order = np.random.default_rng(seed).permutation(len(doc_lengths))
+    pieces, offsets = pack_documents(doc_lengths, seq, order, min_piece=min(16, max(1, seq // 4)))
+    samples = min(budget // seq, len(offsets) - 1)
+    real = (pieces[:offsets[samples], 2] + 2).tolist()  # + [CLS] and [SEP] per piece
+    pad = budget - sum(real)
+    slots = max(budget // 3, len(real) + 1)
+    lengths = real + [pad] + [0] * (slots - len(real) - 1)
+    about = (f"{len(real)} sequences in {samples} samples (mean {np.mean(real):.0f}, max {max(real)} tokens), "
+             f"1 padding sequence of {pad} tokens, {slots - len(real) - 1} empty")
+    return lengths, about
 
 
 def elementwise_impls(op, compile_ok):
@@ -154,7 +203,6 @@ def elementwise_impls(op, compile_ok):
 
 def cases(args, device, dtype):
     """(op, case label, inputs, work, unit, impls) with work in FLOPs per forward (attention) or bytes per mode."""
-    from megatron_cmbert.kernels.attention_triton import attention_flops
     from megatron_cmbert.kernels.varlen import PackedLayout
     from megatron_cmbert.model.padding import cu_seqlens_from_lengths
 
@@ -164,17 +212,7 @@ def cases(args, device, dtype):
     size = torch.finfo(dtype).bits // 8
     compile_ok = not args.no_compile
     if "attention" in args.ops:
-        impls = attention_impls(args.smoke, compile_ok and args.compile_attention)
-        for seq, window in ([(32, (-1, -1)), (32, (8, 8))] if args.smoke else ATTN_CASES):
-            lengths = [seq] * max(1, tokens // seq)
-            total = sum(lengths)
-            cu = cu_seqlens_from_lengths(lengths, device=device)
-            q, k, v = (torch.randn(total, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
-            flops = {m: attention_flops(lengths, heads, head_dim, window, m) for m in ("fwd", "bwd", "fwd_bwd")}
-            wrapped = {name: (lambda f: lambda q, k, v: f(q, k, v, cu, seq, window=window))(f)
-                       for name, f in impls.items()}
-            yield "attention", f"S={seq} w={window[0] * 2 if window[0] >= 0 else 'global'}", (q, k, v), flops, \
-                "TFLOP/s", wrapped
+        yield from attention_cases(args, device, dtype, tokens, heads, head_dim, compile_ok)
     elw = []
     if "rope" in args.ops:
         cu = cu_seqlens_from_lengths([tokens // 2, tokens - tokens // 2], device=device)
@@ -199,23 +237,61 @@ def cases(args, device, dtype):
         elw.append(("rms_norm", f"T={tokens} H={hidden}", (x, w), {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd},
                     impls))
     for op, label, inputs, work, impls in elw:
-        yield op, label, inputs, work, "GB/s", impls
+        yield op, label, inputs, work, "GB/s", impls, {}
 
 
-def attention_sweep(args, device, dtype, bench, sink):
-    """Time each SWEEP setting against the default at S=8192, global and window 128 (rows added to `sink`):
-    the forward for "fwd", the whole backward (delta + dK/dV + dQ) for the two backward kernels."""
+def attention_cases(args, device, dtype, tokens, heads, head_dim, compile_ok):
+    """Per (S, packed/equal, window): the case tuple of `cases`, with each backend's plan built once here."""
+    from megatron_cmbert.kernels.attention_triton import attention_flops
+    from megatron_cmbert.kernels.varlen import PackedLayout
+
+    impls = attention_impls(args.impls, compile_ok and args.compile_attention)
+    doc_lengths, how = (corpus_lengths(args.corpus, args.tokenizer) if "packed" in args.cases else (None, ""))
+    for seq in args.seq_lengths:
+        for kind in args.cases:
+            if kind == "packed":
+                lengths, about = packed_lengths(doc_lengths, seq, tokens)
+                print(f"  packed S={seq}: {about}; document lengths: {how}", flush=True)
+            else:
+                lengths = [seq] * max(1, tokens // seq)
+            layout = PackedLayout.from_lengths(lengths, device, max_seqlen=seq)
+            q, k, v = (torch.randn(layout.total, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+            for window in WINDOWS if not args.smoke else ((-1, -1), (8, 8)):
+                label = f"S={seq} {kind} w={window[0] * 2 if window[0] >= 0 else 'global'}"
+                flops = {m: attention_flops(lengths, heads, head_dim, window, m) for m in ("fwd", "bwd", "fwd_bwd")}
+                wrapped, plan_ms = {}, {}
+                for name, (make_plan, attend) in impls.items():
+                    try:
+                        begin = time.perf_counter()
+                        plan = make_plan(layout, window)
+                        plan_ms[name] = (time.perf_counter() - begin) * 1e3
+                    except Exception as error:  # reported by the runner as this impl's failure
+                        wrapped[name] = (lambda e: lambda q, k, v: (_ for _ in ()).throw(e))(error)
+                        continue
+                    wrapped[name] = (lambda a, p: lambda q, k, v: a(q, k, v, p))(attend, plan)
+                yield "attention", label, (q, k, v), flops, "TFLOP/s", wrapped, {"plan_ms": plan_ms}
+
+
+def attention_sweep(args, device, dtype, bench, sink) -> list[str]:
+    """Time each SWEEP setting against the default on the packed S=8192 micro-batch, global and window 128
+    (rows added to `sink`): the forward for "fwd", the whole backward (delta + dK/dV + dQ) for the two
+    backward kernels. Returns the cases where the default setting itself failed (alternatives may fail)."""
     from megatron_cmbert.kernels import attention_triton
-    from megatron_cmbert.model.padding import cu_seqlens_from_lengths
+    from megatron_cmbert.kernels.varlen import PackedLayout
 
-    seq, heads, head_dim = (32, 2, 32) if args.smoke else (8192, 16, 64)
-    lengths = [seq] * max(1, (96 if args.smoke else args.tokens) // seq)
-    cu = cu_seqlens_from_lengths(lengths, device=device)
-    q, k, v = (torch.randn(sum(lengths), heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    seq, heads, head_dim, tokens = (32, 2, 32, 96) if args.smoke else (8192, 16, 64, args.tokens)
+    lengths, about = packed_lengths(corpus_lengths(args.corpus, args.tokenizer)[0], seq, tokens)
+    print(f"  sweep on packed S={seq}: {about}", flush=True)
+    layout = PackedLayout.from_lengths(lengths, device, max_seqlen=seq)
+    q, k, v = (torch.randn(layout.total, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
     sweep = {kind: options[:1] for kind, options in SWEEP.items()} if args.smoke else SWEEP
     default = attention_triton.AttentionConfig.for_inputs(dtype, head_dim)
+    blocks_needed = {b for options in sweep.values() for o in options for b in o[:2]}
+    blocks_needed |= set(attention_triton.config_blocks(default))
+    failed = []
     for window in ((-1, -1), (64, 64)):
-        case = f"S={seq} w={'global' if window[0] < 0 else 2 * window[0]}"
+        case = f"S={seq} packed w={'global' if window[0] < 0 else 2 * window[0]}"
+        plan = attention_triton.plan(layout, window, tuple(sorted(blocks_needed)))
         for kind, options in sweep.items():
             mode = "fwd" if kind == "fwd" else "bwd"
             default_ms = None
@@ -223,13 +299,15 @@ def attention_sweep(args, device, dtype, bench, sink):
                 blocks = None if option is None else attention_triton.Blocks(*option)
                 config = default if blocks is None else dataclasses.replace(default, **{kind: blocks})
 
-                def fn(q, k, v, window=window, config=config):
-                    return attention_triton.attention_triton(q, k, v, cu, seq, window=window, config=config)
+                def fn(q, k, v, plan=plan, config=config):
+                    return attention_triton.attend(q, k, v, plan, config=config)
                 label = f"{kind} default" if blocks is None else f"{kind} {blocks.describe()}"
                 try:
                     ms = bench(make_runner(fn, (q, k, v), mode))
-                except Exception as error:  # a setting that cannot run is reported, not fatal
-                    print(f"  sweep {case} {label}: failed ({type(error).__name__}: {error})"[:200])
+                except Exception as error:  # an alternative that cannot run is reported, not fatal
+                    print(f"  sweep {case} {label}: failed ({type(error).__name__}: {error})"[:300], flush=True)
+                    if option is None:
+                        failed.append(f"sweep {case} {label}")
                     continue
                 default_ms = ms if option is None else default_ms
                 ratio = round(ms / default_ms, 3) if default_ms else ""
@@ -243,16 +321,26 @@ def attention_sweep(args, device, dtype, bench, sink):
             if timed:
                 best = min(timed, key=lambda r: r["ms"])
                 print(f"  sweep best {case} {kind}: {best['impl']} ({best['speedup_vs_this']}x the default's time)")
+    return failed
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under Triton's interpreter")
-    parser.add_argument("--csv", help="write every row to this CSV file")
+    parser.add_argument("--csv", help="write every row to this CSV file (as it is timed, to FILE.partial first)")
     parser.add_argument("--ops", default="attention,rope,geglu,rms_norm",
                         help="comma-separated ops to time, or 'none' (e.g. with --attention-sweep alone)")
     parser.add_argument("--modes", default="fwd,bwd,fwd_bwd")
-    parser.add_argument("--tokens", type=int, default=65536, help="packed tokens per call (model: 16k-64k)")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per call: the micro-batch budget")
+    parser.add_argument("--seq-lengths", type=int, nargs="+", default=None,
+                        help="attention sequence lengths S (default 8192 1024; 32 with --smoke)")
+    parser.add_argument("--cases", default="packed,equal",
+                        help="attention cases: packed (demo corpus lengths), equal (S each), comma-separated")
+    parser.add_argument("--impls", default="triton,flex,reference,flash_attn",
+                        help=f"attention implementations to time, from {','.join(ATTENTION_IMPLS)} (triton always)")
+    parser.add_argument("--corpus", default=DEMO_CORPUS, help="jsonl whose document lengths the packed case uses")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory for the packed case's lengths (default: characters / 1.35)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--attention-sweep", action="store_true",
                         help="also time other launch settings of the Triton attention kernels (block sizes, warps, "
@@ -264,6 +352,17 @@ def main(argv=None) -> int:
     unknown = set(args.ops) - {"attention", "rope", "geglu", "rms_norm"}
     if unknown:
         parser.error(f"--ops: unknown {sorted(unknown)}; choose from attention,rope,geglu,rms_norm or none")
+    args.cases = [c for c in args.cases.split(",") if c]
+    if not args.cases or set(args.cases) - {"packed", "equal"}:
+        parser.error("--cases: choose from packed, equal")
+    args.impls = ["triton"] + [i for i in args.impls.split(",") if i and i != "triton"]
+    if set(args.impls) - set(ATTENTION_IMPLS):
+        parser.error(f"--impls: unknown {sorted(set(args.impls) - set(ATTENTION_IMPLS))}")
+    if "compiled_ref" in args.impls:
+        args.compile_attention = True
+    elif args.compile_attention:
+        args.impls.append("compiled_ref")
+    args.seq_lengths = args.seq_lengths or ([32] if args.smoke else [8192, 1024])
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run on CPU tensors via the interpreter
@@ -275,7 +374,14 @@ def main(argv=None) -> int:
     print(f"device: {name}; measured peaks: copy {copy_gbs:.0f} GB/s (read+write), bf16 matmul "
           f"{mm_tflops:.1f} TFLOP/s", flush=True)
     rows = Rows(args.csv)
-    for op, label, inputs, work, unit, impls in cases(args, device, dtype):
+    failed, timed = [], 0  # Triton rows that failed / ran
+    for op, label, inputs, work, unit, impls, extra in cases(args, device, dtype):
+        for impl, ms in extra.get("plan_ms", {}).items():
+            rows.add(dict(op=op, case=label, mode="plan", impl=impl, ms=round(ms, 4), rate="", unit="host ms",
+                          pct_peak="", speedup_vs_this=""))
+        if extra.get("plan_ms"):
+            print(f"  {op} {label} plan (host, once per micro-batch): "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in extra["plan_ms"].items()), flush=True)
         for mode in args.modes.split(","):
             times = {}
             for impl, fn in impls.items():
@@ -284,9 +390,14 @@ def main(argv=None) -> int:
                 try:
                     times[impl] = bench(make_runner(fn, inputs, mode))
                 except Exception as error:  # a baseline that cannot run here is reported, not fatal
-                    print(f"  {op} {label} {mode} {impl}: skipped ({type(error).__name__}: {error})"[:200])
+                    verdict = "FAILED" if impl == "triton" else "skipped"
+                    print(f"  {op} {label} {mode} {impl}: {verdict} ({type(error).__name__}: {error})"[:300],
+                          flush=True)
+                    if impl == "triton":
+                        failed.append(f"{op} {label} {mode}")
                 if device == "cuda":
                     torch.cuda.empty_cache()
+            timed += "triton" in times
             for impl, ms in times.items():
                 rate = work[mode] / ms / (1e9 if unit == "TFLOP/s" else 1e6)
                 peak = mm_tflops if unit == "TFLOP/s" else copy_gbs
@@ -295,18 +406,21 @@ def main(argv=None) -> int:
                               speedup_vs_this=round(ms / times["triton"], 3) if "triton" in times else ""))
             print(f"  {op} {label} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
     if args.attention_sweep:
-        attention_sweep(args, device, dtype, bench, rows)
+        failed += attention_sweep(args, device, dtype, bench, rows)
     rows.close()
     # Short table: our kernel per case and mode, with each baseline's time / ours.
-    print(f"\n{'op':9} {'case':20} {'mode':8} {'ms':>9} {'rate':>14} {'%peak':>6}  baseline time / triton time")
+    print(f"\n{'op':9} {'case':26} {'mode':8} {'ms':>9} {'rate':>14} {'%peak':>6}  baseline time / triton time")
     for row in rows:
-        if row["impl"] != "triton":
+        if row["impl"] != "triton" or row["mode"] == "plan":
             continue
         others = [r for r in rows if (r["op"], r["case"], r["mode"]) == (row["op"], row["case"], row["mode"])
                   and r["impl"] != "triton"]
         ratios = " ".join(f"{r['impl']}={r['speedup_vs_this']}x" for r in others)
-        print(f"{row['op']:9} {row['case']:20} {row['mode']:8} {row['ms']:9.3f} {row['rate']:>8} {row['unit']:7}"
+        print(f"{row['op']:9} {row['case']:26} {row['mode']:8} {row['ms']:9.3f} {row['rate']:>8} {row['unit']:7}"
               f"{row['pct_peak']:5.1f}%  {ratios}")
+    if failed:
+        print(f"FAILED: {len(failed)} Triton rows ({timed} ran): {'; '.join(failed)[:1000]}", file=sys.stderr)
+        return 1
     return 0
 
 

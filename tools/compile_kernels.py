@@ -27,16 +27,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Each *_launches function returns the kernel file's own Launch records for CPU tensors shaped like the
 # model's; this process has Triton in compiled mode, so the records carry the GPU launch settings.
 def attention_launches(dtype: torch.dtype, head_dim: int, heads: int = 2) -> list:
-    from megatron_cmbert.kernels.attention_triton import AttentionConfig, backward_launches, forward_launches
+    from megatron_cmbert.kernels.attention_triton import (AttentionConfig, backward_launches, config_blocks,
+                                                          forward_launches, op_arguments, plan)
+    from megatron_cmbert.kernels.varlen import PackedLayout
 
-    cu = torch.tensor([0, 100, 256], dtype=torch.int32)
-    q, k, v = (torch.zeros(256, heads, head_dim, dtype=dtype) for _ in range(3))
+    # Packed lengths as training sees them: short sequences sharing a block, a long one, empty padding.
+    layout = PackedLayout.from_lengths([3, 97, 0, 150, 6, 0, 0])
+    q, k, v = (torch.zeros(layout.total, heads, head_dim, dtype=dtype) for _ in range(3))
     scale, config = head_dim ** -0.5, AttentionConfig.for_inputs(dtype, head_dim, gpu=True)
     launches = []
-    for left, right in ((64, 64), (-1, -1)):  # the model's local and global layers
-        out, lse, forward = forward_launches(q, k, v, cu, 156, left, right, scale, config)
-        *_, backward = backward_launches(torch.zeros_like(out), q, k, v, out, lse, cu, 156, left, right, scale,
-                                         config)
+    for window in ((64, 64), (-1, -1)):  # the model's local and global layers
+        bounds, fwd, dkdv, dq = op_arguments(plan(layout, window, config_blocks(config)), config)
+        out, lse, forward = forward_launches(q, k, v, bounds, fwd, scale, config)
+        *_, backward = backward_launches(torch.zeros_like(out), q, k, v, out, lse, bounds, dkdv, dq, scale, config)
         launches += forward + backward
     return launches
 

@@ -1,284 +1,42 @@
 """Varlen sliding-window FlashAttention (forward + backward) in Triton: the `triton` attention backend.
 
-    attention_triton(q, k, v, cu_seqlens, max_seqlen, window=(left, right), softmax_scale=None)
     plan(layout, window) -> attend(q, k, v, plan, softmax_scale)     (the registry's two parts)
+    attention_triton(q, k, v, cu_seqlens, max_seqlen, window=(left, right), softmax_scale=None)   (tests, benches)
 
 Same contract as kernels/attention_reference.py (the reference it is tested against): q, k, v packed as
 (total_tokens, heads, head_dim); query i of a sequence sees key j of the same sequence when
 i - left <= j <= i + right (-1 = unbounded side). Bidirectional, fp32 accumulation, fp32 log-sum-exp kept for
 the backward (FlashAttention-2 recomputation: no (S, S) matrix is ever stored).
 
-Layout follows flash-attention's Triton kernels: one program per (query block, sequence, head) in the
-forward and the dQ pass, one per (key block, sequence, head) in the dK/dV pass, so no atomics are needed.
-Each program visits only the key (or query) blocks that the window can reach, so a local layer costs
-O(S * window), not O(S^2). The visited range is split in three stages: blocks straddling the left edge
-(masked), blocks fully inside window and sequence (no mask arithmetic), blocks straddling the right edge or
-the sequence end (masked). Registered as torch.library custom ops so torch.compile can trace the model.
+The plan (built once per micro-batch and window from the host lengths, outside any compiled region) holds
+per-token key bounds and, per block size, the work items of kernels/block_plan.py: one program per block of
+consecutive packed tokens and head, exactly cdiv(tokens, block) of them whatever the sequence lengths, so a
+batch of hundreds of short documents launches no empty programs and zero-length sequences cost nothing; a
+(sequence, block) grid padded to a static bound would be mostly empty at ~budget/3 sequence slots. Each program
+visits only the columns its rows reach (O(S * window) for a local layer). The kernels are in
+kernels/attention_triton_kernels.py; registered as torch.library custom ops so torch.compile can trace them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
-import triton.language as tl
 
-from megatron_cmbert.kernels.triton_common import cast
+from megatron_cmbert.kernels.attention_triton_kernels import (_bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel,
+                                                             _fwd_kernel)
+from megatron_cmbert.kernels.block_plan import token_key_bounds, token_query_bounds, work_items
 from megatron_cmbert.kernels.triton_utils import Launch, check_mode, next_power_of_2, run
-from megatron_cmbert.kernels.varlen import VarlenPlan, plan_from_cu_seqlens
+from megatron_cmbert.kernels.varlen import PackedLayout
 
 # Fixed for the process when triton was imported: compiled (GPU) or interpreted (CPU tests).
 INTERPRETED = check_mode()
 
 LOG2E = 1.4426950408889634
-# Finite "minus infinity": a fully masked block then gives exp2(0) terms, later rescaled by 0. A constexpr,
-# because compiled kernels may only read constexpr globals (the interpreter reads any).
-MASKED = tl.constexpr(-1.0e30)
-
-
-# ---- kernels ------------------------------------------------------------------------------------------
-@triton.jit
-def _visit_bounds(own0, before, after, length, OWN: tl.constexpr, STEP: tl.constexpr):
-    """Blocks of STEP on the other side that rows own0 .. own0+OWN-1 reach, where row i reaches
-    i-before .. i+after within [0, length) (-1 = unbounded side). Returns the three stages' bounds:
-    [lo_b, end0) straddles the near edge (masked), [mid_lo, mid_hi) is reached by every row (no mask),
-    [start2, hi) straddles the far edge or the sequence end (masked). Forward and dQ: rows are queries,
-    (before, after) = (left, right); dK/dV: rows are keys, (before, after) = (right, left)."""
-    lo = tl.where(before >= 0, tl.maximum(own0 - before, 0), 0)
-    hi = tl.where(after >= 0, tl.minimum(own0 + OWN + after, length), length)
-    full_lo = tl.where(before >= 0, own0 + OWN - 1 - before, 0)
-    full_hi = tl.where(after >= 0, tl.minimum(own0 + after + 1, length), length)
-    lo_b = (lo // STEP) * STEP
-    mid_lo = lo_b + tl.cdiv(tl.maximum(full_lo - lo_b, 0), STEP) * STEP
-    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // STEP) * STEP
-    end0 = tl.minimum(mid_lo, hi)
-    start2 = tl.maximum(mid_hi, end0)
-    return lo_b, end0, mid_lo, mid_hi, start2, hi
-
-
-@triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, left, right, total,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr, INTERP: tl.constexpr):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - start
-    q0 = pid_m * BLOCK_M
-    if q0 >= length:  # the grid is sized for the longest sequence
-        return
-    rows = q0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = rows < length
-    base = start.to(tl.int64)
-    q = tl.load(Q + (base + rows)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if INTERP:
-        q = q.to(tl.float32)
-    k_base = K + base * stride_kt + head * stride_kh
-    v_base = V + base * stride_vt + head * stride_vh
-
-    # Key blocks this query block reaches, in three stages (see _visit_bounds).
-    lo_b, end0, mid_lo, mid_hi, start2, hi = _visit_bounds(q0, left, right, length, BLOCK_M, BLOCK_N)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for stage in tl.static_range(3):
-        if stage == 0:
-            n_begin, n_end = lo_b, end0
-        elif stage == 1:
-            n_begin, n_end = mid_lo, mid_hi
-        else:
-            n_begin, n_end = start2, hi
-        for n0 in range(n_begin, n_end, BLOCK_N):
-            cols = n0 + offs_n
-            kv_mask = (cols < length)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-            if INTERP:
-                k = k.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            if stage != 1:
-                keep = (cols[None, :] < length)
-                keep &= (cols[None, :] >= rows[:, None] - left) | (left < 0)
-                keep &= (cols[None, :] <= rows[:, None] + right) | (right < 0)
-                qk = tl.where(keep, qk, MASKED)
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-            p_in = cast(p, V.dtype.element_ty, INTERP)  # P rounded to the input precision, as tensor cores get it
-            if INTERP:
-                v, p_in = v.to(tl.float32), p_in.to(tl.float32)
-            acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(O + (base + rows)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             cast(out, O.dtype.element_ty, INTERP), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + head.to(tl.int64) * total + base + rows, m_i + tl.log2(l_i), mask=row_ok)
-
-
-@triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, total, heads, stride_ot, stride_oh, stride_dt, stride_dh,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """delta[h, t] = sum_d o * do: the row term of softmax's backward, computed once per row."""
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    head = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (tokens < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    t64 = tokens.to(tl.int64)[:, None]
-    o = tl.load(O + t64 * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + t64 * stride_dt + head * stride_dh + offs_d[None, :], mask=mask, other=0.0)
-    tl.store(DELTA + head.to(tl.int64) * total + tokens, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
-             mask=tokens < total)
-
-
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, scale_log2, left, right, total,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr):
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - start
-    n0 = pid_n * BLOCK_N
-    if n0 >= length:
-        return
-    cols = n0 + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    col_ok = cols < length
-    base = start.to(tl.int64)
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + (base + cols)[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + (base + cols)[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    if INTERP:
-        k, v = k.to(tl.float32), v.to(tl.float32)
-    q_base = Q + base * stride_qt + head * stride_qh
-    do_base = DO + base * stride_dot + head * stride_doh
-    row_base = head.to(tl.int64) * total + base
-
-    # Queries that see some key of this block: i - left <= j <= i + right  <=>  j - right <= i <= j + left.
-    lo_b, end0, mid_lo, mid_hi, start2, hi = _visit_bounds(n0, right, left, length, BLOCK_N, BLOCK_M)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for stage in tl.static_range(3):
-        if stage == 0:
-            m_begin, m_end = lo_b, end0
-        elif stage == 1:
-            m_begin, m_end = mid_lo, mid_hi
-        else:
-            m_begin, m_end = start2, hi
-        for m0 in range(m_begin, m_end, BLOCK_M):
-            rows = m0 + offs_m
-            row_ok = rows < length
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
-            if INTERP:
-                q, do = q.to(tl.float32), do.to(tl.float32)
-            lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-            # Transposed scores (keys x queries) so dK, dV accumulate as plain (BLOCK_N, D) products.
-            p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2 - lse[None, :])
-            if stage != 1:
-                keep = row_ok[None, :]
-                keep &= (cols[:, None] >= rows[None, :] - left) | (left < 0)
-                keep &= (cols[:, None] <= rows[None, :] + right) | (right < 0)
-                p_t = tl.where(keep, p_t, 0.0)
-            p_in = cast(p_t, DO.dtype.element_ty, INTERP)
-            if INTERP:
-                p_in = p_in.to(tl.float32)
-            dv = tl.dot(p_in, do, dv, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            ds_in = cast(ds_t, Q.dtype.element_ty, INTERP)
-            if INTERP:
-                ds_in = ds_in.to(tl.float32)
-            dk = tl.dot(ds_in, q, dk, input_precision=PRECISION)
-    tl.store(DK + (base + cols)[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
-             cast(dk * scale, DK.dtype.element_ty, INTERP), mask=kv_mask)
-    tl.store(DV + (base + cols)[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :],
-             cast(dv, DV.dtype.element_ty, INTERP), mask=kv_mask)
-
-
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2, left, right, total,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_dqt, stride_dqh,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr, INTERP: tl.constexpr):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - start
-    q0 = pid_m * BLOCK_M
-    if q0 >= length:
-        return
-    rows = q0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = rows < length
-    base = start.to(tl.int64)
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + (base + rows)[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask,
-                other=0.0)
-    do = tl.load(DO + (base + rows)[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_mask,
-                 other=0.0)
-    if INTERP:
-        q, do = q.to(tl.float32), do.to(tl.float32)
-    row_base = head.to(tl.int64) * total + base
-    lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-    k_base = K + base * stride_kt + head * stride_kh
-    v_base = V + base * stride_vt + head * stride_vh
-
-    # Same key ranges as the forward.
-    lo_b, end0, mid_lo, mid_hi, start2, hi = _visit_bounds(q0, left, right, length, BLOCK_M, BLOCK_N)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for stage in tl.static_range(3):
-        if stage == 0:
-            n_begin, n_end = lo_b, end0
-        elif stage == 1:
-            n_begin, n_end = mid_lo, mid_hi
-        else:
-            n_begin, n_end = start2, hi
-        for n0 in range(n_begin, n_end, BLOCK_N):
-            cols = n0 + offs_n
-            kv_mask = (cols < length)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-            if INTERP:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - lse[:, None])
-            if stage != 1:
-                keep = (cols[None, :] < length)
-                keep &= (cols[None, :] >= rows[:, None] - left) | (left < 0)
-                keep &= (cols[None, :] <= rows[:, None] + right) | (right < 0)
-                p = tl.where(keep, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            ds_in = cast(ds, K.dtype.element_ty, INTERP)
-            if INTERP:
-                ds_in = ds_in.to(tl.float32)
-            dq = tl.dot(ds_in, k, dq, input_precision=PRECISION)
-    tl.store(DQ + (base + rows)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-             cast(dq * scale, DQ.dtype.element_ty, INTERP), mask=q_mask)
+# Block sizes a plan makes work lists for by default: every default launch setting (AttentionConfig.for_inputs,
+# GPU and interpreter) and every --attention-sweep alternative of tools/bench_kernels.py owns 64 or 128 rows.
+PLAN_BLOCKS = (64, 128)
 
 
 # ---- launch configuration -----------------------------------------------------------------------------
@@ -311,14 +69,15 @@ class AttentionConfig:
         tutorial's H100 shapes (forward 128 x 64; backward dK/dV 128 keys x 32 queries, dQ 128 queries x 32
         keys), halved for fp32 operands and for head_dim 128, which would otherwise exceed registers / shared
         memory. Warps: with 4, ptxas (tools/compile_kernels.py, sm_90a) spills 352 B in the bf16 d=64 dK/dV
-        kernel at 255 registers and 2 KB in the fp32 forward; 8 warps spill nothing at the same warps per SM."""
+        kernel at 255 registers and 2 KB in the fp32 forward, and (with the work-item bounds) 48 B in the fp32
+        dQ kernel; 8 warps spill nothing at the same warps per SM."""
         if not (gpu if gpu is not None else not INTERPRETED):
             return cls(fwd=Blocks(64, 32), dkdv=Blocks(32, 64), dq=Blocks(64, 32))
         fp32 = dtype == torch.float32
         big = head_dim > 64 or fp32
         return cls(fwd=Blocks(64 if big else 128, 32 if big else 64, 8 if fp32 else 4, 3),
                    dkdv=Blocks(16 if big else 32, 64 if big else 128, 8, 2),
-                   dq=Blocks(64 if big else 128, 16 if big else 32, 4, 2))
+                   dq=Blocks(64 if big else 128, 16 if big else 32, 8 if fp32 else 4, 2))
 
     def to_list(self) -> list[int]:
         """Flat ints, the form a torch.library custom op can take."""
@@ -345,38 +104,76 @@ def _checked(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _grid(max_seqlen: int, block: int, num_seqs: int, heads: int):
-    return (triton.cdiv(max(int(max_seqlen), 1), block), num_seqs, heads)
+# ---- the plan: per-token bounds and work items, from the host lengths ----------------------------------
+@dataclass(frozen=True, eq=False)
+class TritonPlan:
+    """What the kernels read for one micro-batch and window, on the device. Shapes depend only on the token
+    count and the block sizes (static under a fixed token budget, so a compiled step never recompiles):
+    bounds (2, total) int32, the keys [bounds[0, i], bounds[1, i]) that query i sees; items[block] = (items
+    whose rows are queries: forward and dQ, items whose rows are keys: dK/dV), each (cdiv(total, block), 5)
+    int32 rows of kernels/block_plan.work_items."""
+
+    layout: PackedLayout
+    window: tuple[int, int]
+    bounds: torch.Tensor
+    items: dict
+
+    def items_for(self, block: int, rows_are_keys: bool) -> torch.Tensor:
+        if block not in self.items:
+            raise ValueError(f"this attention plan has work items for blocks {sorted(self.items)}, the launch "
+                             f"settings need {block}: build it with plan(layout, window, blocks=(..., {block}))")
+        return self.items[block][int(rows_are_keys)]
+
+
+def plan(layout: PackedLayout, window=(-1, -1), blocks=PLAN_BLOCKS) -> TritonPlan:
+    """The plan of one micro-batch and window: host numpy over the lengths (O(tokens)), then one copy to the
+    device (pinned, non-blocking on CUDA: no sync). bounds[0/1, i] = the keys query i sees, lo <= j < hi."""
+    window = tuple(int(w) for w in window)
+    q_lo, q_hi = token_key_bounds(layout.lengths, window)    # per query: its keys (forward, dQ masks)
+    k_lo, k_hi = token_query_bounds(layout.lengths, window)  # per key: its queries (dK/dV items only)
+    if q_lo.shape[0] != layout.total:
+        raise ValueError(f"the layout's lengths sum to {q_lo.shape[0]} tokens, its positions to {layout.total}")
+    parts = [np.stack([q_lo, q_hi]).astype(np.int32)]
+    for block in blocks:
+        parts += [work_items(q_lo, q_hi, block), work_items(k_lo, k_hi, block)]
+    host = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]))
+    device = layout.device
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    views, offset = [], 0
+    for p in parts:
+        views.append(flat[offset:offset + p.size].view(p.shape))
+        offset += p.size
+    items = {block: (views[1 + 2 * i], views[2 + 2 * i]) for i, block in enumerate(blocks)}
+    return TritonPlan(layout, window, views[0], items)
 
 
 # ---- launches (built as data: run by the custom ops, compiled by tools/compile_kernels.py) ----------------
-def forward_launches(q, k, v, cu_seqlens, max_seqlen: int, left: int, right: int, scale: float,
-                     config: AttentionConfig):
-    """(out, lse, launches) for the forward; out and lse are filled once the launches run."""
+def forward_launches(q, k, v, bounds, items, scale: float, config: AttentionConfig):
+    """(out, lse, launches) for the forward over `items` (the plan's query items for config.fwd.BLOCK_M)."""
     q, k, v = (_checked(t) for t in (q, k, v))
     total, heads, head_dim = q.shape
     out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     if total == 0:
         return out, lse, []
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    launch = Launch(_fwd_kernel, _grid(max_seqlen, config.fwd.BLOCK_M, cu.numel() - 1, heads), (
-        q, k, v, out, lse, cu, scale * LOG2E, left, right, total,
+    launch = Launch(_fwd_kernel, (items.shape[0], heads), (
+        q, k, v, out, lse, bounds, items, scale * LOG2E, total,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
         out.stride(1)), dict(HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), **_precision(q),
                              **_launch_kwargs(config.fwd)))
     return out, lse, [launch]
 
 
-def backward_launches(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, left: int, right: int,
-                      scale: float, config: AttentionConfig):
-    """(dq, dk, dv, launches): the delta kernel, then dK/dV, then dQ."""
+def backward_launches(grad_out, q, k, v, out, lse, bounds, dkdv_items, dq_items, scale: float,
+                      config: AttentionConfig):
+    """(dq, dk, dv, launches): the delta kernel, then dK/dV over the key items, then dQ over the query items."""
     q, k, v, out, grad_out = (_checked(t) for t in (q, k, v, out, grad_out))
     total, heads, head_dim = q.shape
     dq, dk, dv = (torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device) for _ in range(3))
     if total == 0:
         return dq, dk, dv, []
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     block_d = max(16, next_power_of_2(head_dim))
     delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     block_t = 64
@@ -386,61 +183,60 @@ def backward_launches(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, 
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, **_precision(q))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
                grad_out.stride(1))
-    seqs = cu.numel() - 1
-    launches.append(Launch(_bwd_dkdv_kernel, _grid(max_seqlen, config.dkdv.BLOCK_N, seqs, heads), (
-        q, k, v, grad_out, lse, delta, dk, dv, cu, scale, scale * LOG2E, left, right, total, *strides,
+    launches.append(Launch(_bwd_dkdv_kernel, (dkdv_items.shape[0], heads), (
+        q, k, v, grad_out, lse, delta, dk, dv, bounds, dkdv_items, scale, scale * LOG2E, total, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1)), dict(**common, **_launch_kwargs(config.dkdv))))
-    launches.append(Launch(_bwd_dq_kernel, _grid(max_seqlen, config.dq.BLOCK_M, seqs, heads), (
-        q, k, v, grad_out, lse, delta, dq, cu, scale, scale * LOG2E, left, right, total, *strides,
+    launches.append(Launch(_bwd_dq_kernel, (dq_items.shape[0], heads), (
+        q, k, v, grad_out, lse, delta, dq, bounds, dq_items, scale, scale * LOG2E, total, *strides,
         dq.stride(0), dq.stride(1)), dict(**common, **_launch_kwargs(config.dq))))
     return dq, dk, dv, launches
 
 
 # ---- custom ops -------------------------------------------------------------------------------------------
 @torch.library.custom_op("cmbert::attention_forward", mutates_args=())
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      max_seqlen: int, left: int, right: int, scale: float,
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
+                      fwd_items: torch.Tensor, dkdv_items: torch.Tensor, dq_items: torch.Tensor, scale: float,
                       config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out (T, H, D) in q's dtype, lse (H, T) fp32 in log2 units of the scaled scores).
+    """Returns (out (T, H, D) in q's dtype, lse (H, T) fp32 in log2 units of the scaled scores). The plan's
+    tensors: bounds and the items of each kernel's block size (the backward's are kept for it).
     config: AttentionConfig.to_list()."""
-    out, lse, launches = forward_launches(q, k, v, cu_seqlens, max_seqlen, left, right, scale,
-                                          AttentionConfig.from_list(config))
+    out, lse, launches = forward_launches(q, k, v, bounds, fwd_items, scale, AttentionConfig.from_list(config))
     run(launches)
     return out, lse
 
 
 @attention_forward.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, left, right, scale, config):
+def _(q, k, v, bounds, fwd_items, dkdv_items, dq_items, scale, config):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("cmbert::attention_backward", mutates_args=())
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                       left: int, right: int, scale: float,
+                       out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor, dkdv_items: torch.Tensor,
+                       dq_items: torch.Tensor, scale: float,
                        config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, launches = backward_launches(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, left, right,
-                                             scale, AttentionConfig.from_list(config))
+    dq, dk, dv, launches = backward_launches(grad_out, q, k, v, out, lse, bounds, dkdv_items, dq_items, scale,
+                                             AttentionConfig.from_list(config))
     run(launches)
     return dq, dk, dv
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, left, right, scale, config):
+def _(grad_out, q, k, v, out, lse, bounds, dkdv_items, dq_items, scale, config):
     return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, left, right, scale, config = inputs
+    q, k, v, bounds, fwd_items, dkdv_items, dq_items, scale, config = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.args = (max_seqlen, left, right, scale, config)
+    ctx.save_for_backward(q, k, v, out, lse, bounds, dkdv_items, dq_items)
+    ctx.args = (scale, config)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.args)
+    q, k, v, out, lse, bounds, dkdv_items, dq_items = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, bounds, dkdv_items, dq_items, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -448,28 +244,35 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- public functions (the `triton` backend of the registry) ------------------------------------------
-def plan(layout, window=(-1, -1)) -> VarlenPlan:
-    return VarlenPlan(layout, tuple(int(w) for w in window))
+def op_arguments(plan: TritonPlan, config: AttentionConfig) -> tuple:
+    """The plan's tensors the custom op takes for these launch settings: (bounds, fwd, dK/dV, dQ items)."""
+    return (plan.bounds, plan.items_for(config.fwd.BLOCK_M, False), plan.items_for(config.dkdv.BLOCK_N, True),
+            plan.items_for(config.dq.BLOCK_M, False))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: VarlenPlan, softmax_scale: float | None = None,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TritonPlan, softmax_scale: float | None = None,
            config: AttentionConfig | None = None) -> torch.Tensor:
     """The `triton` attention backend; config: launch settings (default AttentionConfig.for_inputs)."""
     if q.shape[-1] > 256:
         raise ValueError(f"head_dim {q.shape[-1]} > 256 is not supported by the Triton attention kernel")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    left, right = plan.window
     config = config or AttentionConfig.for_inputs(q.dtype, q.shape[-1])
-    out, _ = attention_forward(q, k, v, plan.layout.cu_seqlens, int(plan.layout.max_seqlen), left, right, scale,
-                               config.to_list())
+    out, _ = attention_forward(q, k, v, *op_arguments(plan, config), scale, config.to_list())
     return out
+
+
+def config_blocks(config: AttentionConfig) -> tuple[int, ...]:
+    """The block sizes whose work items these launch settings read."""
+    return tuple(sorted({config.fwd.BLOCK_M, config.dkdv.BLOCK_N, config.dq.BLOCK_M}))
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, window: tuple[int, int] = (-1, -1),
                      softmax_scale: float | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
     """The functional form (tests, benchmarks): plan from cu_seqlens (read once), then attend."""
-    return attend(q, k, v, plan_from_cu_seqlens(plan, cu_seqlens, max_seqlen, window), softmax_scale, config)
+    config = config or AttentionConfig.for_inputs(q.dtype, q.shape[-1])
+    layout = PackedLayout.from_cu_seqlens(cu_seqlens, max_seqlen)
+    return attend(q, k, v, plan(layout, window, config_blocks(config)), softmax_scale, config)
 
 
 def attention_flops(lengths, heads: int, head_dim: int, window=(-1, -1), mode: str = "fwd") -> float:
@@ -489,5 +292,5 @@ def attention_flops(lengths, heads: int, head_dim: int, window=(-1, -1), mode: s
     return {"fwd": forward, "bwd": 2.5 * forward, "fwd_bwd": 3.5 * forward}[mode]
 
 
-__all__ = ["AttentionConfig", "Blocks", "attention_triton", "attention_forward", "attention_backward",
-           "forward_launches", "backward_launches", "attention_flops"]
+__all__ = ["AttentionConfig", "Blocks", "TritonPlan", "attention_triton", "attention_forward", "attention_backward",
+           "forward_launches", "backward_launches", "attention_flops", "plan", "attend"]

@@ -14,9 +14,11 @@ refused with one line), so what a tool prints is what runs. A model binds its ch
 first call per (device type, dtype), logged once.
 
 `CMBERT_KERNEL_BACKEND` (`reference` or `triton`) replaces `auto` for every op; it is read in one place,
-`environment_backend`, used by the auto pick. Attention runs in two parts: a plan per batch layout and window
-(`plan(layout, window)`: block masks, work lists, built once per micro-batch from host-side lengths and shared
-by every layer) and `attend(q, k, v, plan)`. docs/KERNELS.md has the rules; kernel modules load on first use.
+`environment_backend`, used by the auto pick. `auto` takes a Triton kernel only on a CUDA device that a
+record of kernels/validation.py says passed tools/gpu_check.sh (same GPU, torch, triton, kernel source).
+Attention runs in two parts: a plan per batch layout and window (`plan(layout, window)`: block masks, work
+lists, built once per micro-batch from host-side lengths and shared by every layer) and
+`attend(q, k, v, plan)`. docs/KERNELS.md has the rules; kernel modules load on first use.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ logger = logging.getLogger(__name__)
 OPS = ("attention", "rope", "geglu", "rms_norm")
 ENV_VAR = "CMBERT_KERNEL_BACKEND"
 SHARED_BACKENDS = ("reference", "triton")  # what may be named for every op at once: every op has both
-NOT_VALIDATED = "not yet validated on a GPU (tools/gpu_check.sh); name it explicitly to use it"
 
 
 class KernelError(UserError, ValueError):
@@ -54,7 +55,8 @@ class Kernel:
     """Only for CUDA tensors (a `triton` kernel also runs CPU tensors under Triton's interpreter)."""
     half_precision_only: bool = False
     auto: bool = True
-    """Whether `auto` may pick it (the Triton kernels have passed only the interpreter and compile checks)."""
+    """Whether `auto` may pick it without more; False (the Triton kernels): only where a GPU validation record
+    matches (kernels/validation.py, written when tools/gpu_check.sh's kernel tests pass on that GPU)."""
     traceable: bool = True
     """Whether torch.compile can trace it: the reference attention loops over host-side bounds, so inside a
     compiled layer it runs eagerly (torch.compiler.disable: one graph break, no recompiles)."""
@@ -127,7 +129,9 @@ def pick_auto(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, l
         kernel = REGISTRY[op, name]
         reason = kernel.unavailable_reason(device, dtype)
         if reason is None and not kernel.auto:
-            reason = NOT_VALIDATED
+            from megatron_cmbert.kernels.validation import not_validated_reason
+
+            reason = not_validated_reason(op, device)
         if reason is None:
             return name, skipped
         skipped.append(f"{name}: {reason}")

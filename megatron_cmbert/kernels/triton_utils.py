@@ -42,12 +42,24 @@ def interpreted() -> bool:
 def check_mode() -> bool:
     """Whether this process interprets (each kernel file keeps it as its INTERPRETED constant). Raises
     KernelModeError when TRITON_INTERPRET now says something else than when triton was imported: kernels
-    decorated in one mode cannot call triton.language functions decorated in the other."""
+    decorated in one mode cannot call triton.language functions decorated in the other; and, interpreted, when
+    this Triton + numpy cannot run the kernels' runtime-bound loops (`interpreter_problem`), so that a
+    version mismatch fails with one line naming the fix instead of a TypeError inside every kernel."""
     if interpreter_requested() != interpreted():
         raise KernelModeError(
             f"triton was imported with {INTERPRET_ENV}={'1' if interpreted() else 'unset'} but it is now "
             f"{os.environ.get(INTERPRET_ENV)!r}; set it in the environment before the process imports triton")
+    if interpreted() and (problem := interpreter_problem()):
+        raise KernelModeError(problem)
     return interpreted()
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why this process's Triton interpreter cannot run the kernels (None when it can), probed once."""
+    from megatron_cmbert.kernels.triton_common import interpreter_loop_problem
+
+    return interpreter_loop_problem()
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -63,7 +75,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return "Triton runs its CPU interpreter in this process (TRITON_INTERPRET=1)" if interpreted() else None
     if device.type == "cpu" and interpreted():
-        return None
+        return interpreter_problem()
     return "needs CUDA tensors (or TRITON_INTERPRET=1 before triton is imported, for its CPU interpreter)"
 
 
