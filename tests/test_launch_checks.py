@@ -12,6 +12,11 @@ import pytest
 from tools import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkpoint_files(folder):
+    """A --save directory's entries, without its writer lock (.writer.lock, held while a run writes there)."""
+    return [name for name in os.listdir(folder) if name != ".writer.lock"]
 PRETRAIN = os.path.join(REPO, "tools", "pretrain.py")
 
 
@@ -39,7 +44,7 @@ def saved_run(setup):
     res = subprocess.run([sys.executable, PRETRAIN, *common, "--save", str(save), "--save-interval", "2"],
                          capture_output=True, text=True, timeout=300, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert sorted(os.listdir(save)) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert sorted(checkpoint_files(save)) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
     return save
 
 
@@ -212,5 +217,5 @@ def test_overwrite_starts_over_and_replaces_the_old_run(setup, saved_run, tmp_pa
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     # the old steps 2 and 4 are gone (no mix of two runs); the marker names the new run's step
-    assert sorted(os.listdir(save)) == ["iter_0000003", "latest_checkpointed_iteration.txt"]
+    assert sorted(checkpoint_files(save)) == ["iter_0000003", "latest_checkpointed_iteration.txt"]
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

@@ -76,18 +76,35 @@ def resume_command(argv: list[str], save: str) -> str:
 def run(argv: Optional[list[str]] = None) -> list[dict]:
     """Resolve, print and train the run; returns the logged rows (empty for --check-only)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    from megatron_cmbert.parallel.world import World
+    from megatron_cmbert.checkpoint.lock import SaveLock, remove_leftovers
+    from megatron_cmbert.errors import UserError
+    from megatron_cmbert.parallel.world import World, agree
     from megatron_cmbert.training.run import resolve_run
 
     namespace = build_parser().parse_args(argv)
     world = World.from_env()
-    spec = resolve_run(TrainConfig.from_namespace(namespace), world)
+    if namespace.check_only:  # one process, checking for WORLD_SIZE ranks
+        spec = resolve_run(TrainConfig.from_namespace(namespace), world)
+        print(spec.describe(), flush=True)
+        print(f"checks passed for {world.size} rank(s)", flush=True)
+        return []
+    spec, error, lock = None, None, None
+    try:
+        spec = resolve_run(TrainConfig.from_namespace(namespace), world)
+        if world.rank == 0 and spec.cfg.checkpoint.save:  # one writer per --save, before anything is written
+            lock = SaveLock(spec.cfg.checkpoint.save).acquire(warn=lambda text: print(text, file=sys.stderr))
+    except UserError as exc:
+        if world.size == 1:
+            raise
+        error = exc
+    if world.size > 1:  # every rank's checks agreed before the first collective: no rank waits forever
+        reason = agree(error)
+        if reason:
+            raise ConfigError(reason)
     if world.rank == 0:
         print(spec.describe(), flush=True)
-    if namespace.check_only:
-        if world.rank == 0:
-            print(f"checks passed for {world.size} rank(s)", flush=True)
-        return []
+        if lock:
+            remove_leftovers(spec.cfg.checkpoint.save, log=lambda text: print(text, flush=True))
     import torch
 
     if not torch.cuda.is_available():

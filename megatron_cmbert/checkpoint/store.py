@@ -28,6 +28,7 @@ sharded like it; the rest is common state), so this module knows nothing of any 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -313,17 +314,28 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, tr
 
     final = os.path.join(save_dir, f"iter_{step:07d}")
     tmp = final + ".tmp"
-    if ranks.rank == 0:
+
+    def prepare():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
-    dist_checkpointing.save(sharded_state_dict(model, optimizer, ranks, train_state), tmp)
-    if ranks.rank == 0:
+
+    def extras():
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
             json.dump(record.to_json(), fh, indent=2, ensure_ascii=False)
         if tokenizer_dir:
             shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
-    _barrier()
+
+    # Each phase agreed by every rank: a full disk or a read-only folder on any rank is one CheckpointError
+    # on all of them, the torn .tmp removed and the previous checkpoint (and the marker) untouched.
+    try:
+        _agreed(tmp, prepare if ranks.rank == 0 else (lambda: None), _save_error)
+        _agreed(tmp, lambda: dist_checkpointing.save(sharded_state_dict(model, optimizer, ranks, train_state), tmp),
+                _save_error)
+        _agreed(tmp, extras if ranks.rank == 0 else (lambda: None), _save_error)
+    except CheckpointError:
+        if ranks.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if ranks.rank == 0:
         old = final + ".old"
         if os.path.exists(final):  # set aside, not deleted, until the new one is in place
@@ -361,8 +373,29 @@ def _fill(path: str, loaded: dict, model, optimizer, same_world: bool) -> TrainS
     return TrainState.from_json(loaded.get("train_state") or {}, f"{os.path.join(path, COMMON)} train_state")
 
 
-def _agreed(path: str, phase):
-    """Run one phase of a load; when it fails on any rank, every rank raises the same CheckpointError."""
+def _save_error(path: str, exc: BaseException) -> str:
+    """One line for a failed save: a full disk or a folder that cannot be written named as such."""
+    inner = exc
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:  # torch.distributed.checkpoint's per-rank failures
+        pair = sorted(failures.items(), key=lambda kv: kv[0])[0][1]
+        inner = getattr(pair, "exception", None) or (pair[0] if isinstance(pair, tuple) else pair)
+    seen, chain = set(), inner
+    while chain is not None and id(chain) not in seen:  # the OSError may be a cause of a wrapper
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                      errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied"}[chain.errno]
+            free = shutil.disk_usage(os.path.dirname(path)).free if os.path.isdir(os.path.dirname(path)) else 0
+            return (f"{path}: cannot save ({reason}; {free / 2**30:.2f} GiB free): nothing of it is kept, the "
+                    f"previous checkpoint and the latest marker are untouched; make room and resume with --load")
+        chain = chain.__cause__ or chain.__context__
+    return f"{path}: cannot save ({_one_line(inner)})"
+
+
+def _agreed(path: str, phase, describe=None):
+    """Run one phase of a load (or save); when it fails on any rank, every rank raises the same
+    CheckpointError (`describe(path, exc)` words an unexpected exception)."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     error, cause, result = None, None, None
@@ -371,7 +404,8 @@ def _agreed(path: str, phase):
     except CheckpointError as exc:
         error, cause = str(exc), exc
     except (Exception, CheckpointException) as exc:
-        error, cause = f"{path}: cannot load ({_describe_load_error(exc)})", exc
+        error = describe(path, exc) if describe else f"{path}: cannot load ({_describe_load_error(exc)})"
+        cause = exc
     error = _agree(error)
     if error:
         raise CheckpointError(error) from cause

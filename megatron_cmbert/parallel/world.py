@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -57,13 +58,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int, seed: int) -> tuple[Ranks, torch.device]:
-    """The process group (torchrun's, or a one-process one for a plain run) and megatron-core's model-parallel
-    state for tensor-parallel size `tp`; every rank seeds the same generator (the model's CPU init is
-    TP-invariant)."""
-    from megatron.core import parallel_state
+# How long ranks wait for each other to join the process group (and at any collective) before failing with a
+# message instead of hanging: a rank that died before joining must not leave the others waiting forever.
+JOIN_TIMEOUT_S = float(os.environ.get("CMBERT_JOIN_TIMEOUT_S", "600"))
 
-    from megatron_cmbert.parallel import cpu_shim
+
+def init_process_group() -> torch.device:
+    """The default process group (torchrun's environment, or a one-process world for a plain run), with a
+    bounded timeout; returns this rank's device."""
+    import datetime
 
     if "RANK" not in os.environ:  # plain `python tools/pretrain.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -72,7 +75,41 @@ def init_distributed(tp: int, seed: int) -> tuple[Ranks, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
+    return device
+
+
+def agree(error: Optional[BaseException]) -> Optional[str]:
+    """Every rank's outcome of a step that ran alone (the launch checks): the first failing rank's one-line
+    reason, the same on every rank, or None. Joins the process group (bounded) first, so a rank that failed
+    still tells the others instead of leaving them waiting in their first collective. Without a launcher's
+    rendezvous environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) there is nobody to tell: this rank's
+    own reason is returned."""
+    mine = None if error is None else " ".join(str(error).split()) or type(error).__name__
+    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return mine
+    try:
+        init_process_group()
+    except Exception as exc:  # a rank that never arrived: the store's timeout
+        from megatron_cmbert.errors import ToolFailure
+
+        raise ToolFailure(f"the ranks did not all join within {JOIN_TIMEOUT_S:.0f} s "
+                          f"({' '.join(str(exc).split())[:200]})") from None
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, mine)
+    return next((f"{v}" if r == dist.get_rank() else f"rank {r}: {v}" for r, v in enumerate(views) if v), None)
+
+
+def init_distributed(tp: int, seed: int) -> tuple[Ranks, torch.device]:
+    """The process group (torchrun's, or a one-process one for a plain run) and megatron-core's model-parallel
+    state for tensor-parallel size `tp`; every rank seeds the same generator (the model's CPU init is
+    TP-invariant)."""
+    from megatron.core import parallel_state
+
+    from megatron_cmbert.parallel import cpu_shim
+
+    device = init_process_group()
     world = dist.get_world_size()
     if world % tp:  # resolve_run checks this before any rank starts; kept for library callers
         raise ValueError(f"world size {world} is not a multiple of tensor-parallel size {tp}")

@@ -2,11 +2,19 @@
 Ctrl-C, or when a wall-clock budget runs out, the loop finishes its step, saves and exits.
 
 The decision has to be the same on every rank at the same step: a signal may reach only some ranks, and
-their clocks differ, so `check()` combines the local reasons with one MAX all-reduce. A rank that stopped
-alone would leave its peers waiting in the next collective forever.
+their clocks differ, so the local reasons are combined over the ranks (the trainer folds them into its one
+all-reduce per step; `check()` does it alone). A rank that stopped alone would leave its peers waiting in
+the next collective forever.
+
+Nothing half-written: a checkpoint save runs inside `saving()`. A second Ctrl-C during it no longer raises
+in the middle of the write: the save finishes, then the run stops at once (KeyboardInterrupt, exit 130). A
+second Ctrl-C outside a save stops at once too (nothing is being written). Child processes (data-loader
+workers, the checkpoint writer's helpers, which torchrun's stop signals reach as a process group) ignore
+both signals: the main process decides, and ends them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -31,6 +39,8 @@ class StopSignal:
         self.start = time.monotonic()
         self.received: Optional[str] = None
         self.sigints = 0
+        self._saving = False
+        self._interrupt_after_save = False
         self._previous: dict[int, object] = {}
         self._owner = os.getpid()
 
@@ -46,21 +56,34 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._owner:
-            # A forked child (a DataLoader worker) inherited this handler: the main process decides when to
-            # stop, so a child ignores Ctrl-C (sent to the whole terminal group) and dies on SIGTERM as usual.
-            if signum == signal.SIGTERM:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
+            # A forked child (a DataLoader worker, a checkpoint writer's helper) inherited this handler. The
+            # main process decides when to stop and ends its children; a child that died on the group's
+            # SIGTERM or Ctrl-C would break the save or the next batch in the middle.
             return
         name = signal.Signals(signum).name
         if name == "SIGINT":
             self.sigints += 1
             if self.sigints > 1:
-                raise KeyboardInterrupt  # the second Ctrl-C: stop now, as without this handler
+                if self._saving:  # never leave the checkpoint being written half done
+                    self._interrupt_after_save = True
+                    os.write(2, b"Ctrl-C again: stopping once the checkpoint being written is complete\n")
+                    return
+                raise KeyboardInterrupt("second Ctrl-C: nothing saved since the last checkpoint")
             # os.write, not print: print from a handler that interrupted a print raises "reentrant call"
-            os.write(2, b"Ctrl-C: stopping cleanly after this step; press again to stop at once\n")
+            os.write(2, b"Ctrl-C: stopping cleanly after this step (saving first); press again to stop at once\n")
         if self.received is None or _CODE[name] > _CODE[self.received]:
             self.received = name
+
+    @contextlib.contextmanager
+    def saving(self):
+        """The block writes a checkpoint: a second Ctrl-C waits for it to finish, then stops the run."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+        if self._interrupt_after_save:
+            raise KeyboardInterrupt("second Ctrl-C: stopped after the checkpoint was written")
 
     def local_reason(self) -> Optional[str]:
         """This rank's reason to stop, without asking the others."""

@@ -63,7 +63,8 @@ def resolve_run(cfg: TrainConfig, world: World | int | None = None) -> Run:
     from megatron_cmbert.data.tokenizer import load_tokenizer
     from megatron_cmbert.kernels.registry import KernelError
 
-    size = (world if isinstance(world, int) else (world or World.from_env()).size)
+    world = World(world, 0, 0, world) if isinstance(world, int) else (world or World.from_env())
+    size = world.size
     data, tp = cfg.data, cfg.parallel.tensor_model_parallel_size
     if size % tp:
         raise ConfigError(f"world size {size} (WORLD_SIZE) is not a multiple of --tensor-model-parallel-size {tp}")
@@ -72,9 +73,13 @@ def resolve_run(cfg: TrainConfig, world: World | int | None = None) -> Run:
         raise ConfigError(f"--global-batch-size {data.global_batch_size} must be a multiple of --micro-batch-size "
                           f"{data.micro_batch_size} x data-parallel size {dp} (world {size} / TP {tp})")
     try:
-        _, prefixes = parse_data_path(data.data_path)
+        weights, prefixes = parse_data_path(data.data_path)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    for weight, prefix in zip(weights, prefixes):
+        if not weight > 0:  # also NaN
+            raise ConfigError(f"--data-path weight {weight:g} of {prefix}: blend weights must be positive "
+                              f"(leave a dataset out instead of giving it weight 0)")
     try:
         split_ranges(data.split, 1)
     except ValueError as exc:
@@ -89,6 +94,8 @@ def resolve_run(cfg: TrainConfig, world: World | int | None = None) -> Run:
                           f"({' '.join(str(exc).split())})") from None
     for prefix in prefixes:
         check_data_prefix(prefix)
+        for part in (prefix, prefix + "_wordstart"):
+            check_dataset_files(part)
     for prefix in prefixes:
         check_dataset_tokenizer(prefix, data.tokenizer_model)
     for folder in [data.data_cache_path] if data.data_cache_path else {default_cache_dir(p) for p in prefixes}:
@@ -107,7 +114,7 @@ def resolve_run(cfg: TrainConfig, world: World | int | None = None) -> Run:
     if data.seq_length > model.max_position_embeddings:
         raise ConfigError(f"--seq-length {data.seq_length} exceeds the model's {model.max_position_embeddings} "
                           f"positions (--max-position-embeddings)")
-    device = World(size, 0, 0, size).device()
+    device = world.device()
     dtype = torch.bfloat16 if cfg.parallel.bf16 else torch.float32
     try:
         model = model.replace(kernels=model.kernels.resolved(device, dtype))
@@ -116,8 +123,73 @@ def resolve_run(cfg: TrainConfig, world: World | int | None = None) -> Run:
     start = check_checkpoint_dirs(cfg)
     if cfg.checkpoint.load:
         check_checkpoint_model(cfg.checkpoint.load, model)
+    if cfg.checkpoint.save:
+        check_save_dir(cfg.checkpoint.save, model, tp, lock_holder=world.rank == 0)
     return Run(cfg=cfg, model=model, world_size=size, data_parallel_size=dp, device_type=device.type,
                start_step=start)
+
+
+def check_dataset_files(prefix: str) -> None:
+    """PREFIX.idx holds documents and PREFIX.bin as many bytes as it says (a 0-document build, or a .bin cut
+    short or emptied on the way to this node, would fail deep inside the loader). Reads the index header and
+    its last entries only: cheap at a billion documents."""
+    import struct
+
+    import numpy as np
+
+    from megatron_cmbert.data.dataset_checks import DataConfigError
+    from megatron_cmbert.data.indexed import INDEX_HEADER, read_index_header
+
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    dtype, n = read_index_header(idx)
+    if n == 0:
+        raise DataConfigError(f"{idx}: the dataset holds no documents (was every input line skipped? "
+                              f"tools/preprocess_data.py reports the reasons); rebuild it or leave it out")
+    head = len(INDEX_HEADER) + 25
+    with open(idx, "rb") as fh:
+        fh.seek(head + 4 * (n - 1))
+        (last_size,) = struct.unpack("<i", fh.read(4))
+        fh.seek(head + 4 * n + 8 * (n - 1))
+        (last_pointer,) = struct.unpack("<q", fh.read(8))
+    expected = last_pointer + last_size * np.dtype(dtype).itemsize
+    size = os.path.getsize(bin_)
+    if size != expected:
+        raise DataConfigError(f"{bin_}: {size:,} bytes, but {os.path.basename(idx)} describes {expected:,} "
+                              f"({'empty' if size == 0 else 'truncated' if size < expected else 'longer'}: "
+                              f"copied incompletely to this node?)")
+
+
+def checkpoint_bytes(model: ModelConfig, tp: int) -> int:
+    """The size of one checkpoint: fp32 weights and the two fp32 Adam moments of every parameter."""
+    from megatron_cmbert.model.config import count_parameters
+
+    counts = count_parameters(model, tp)
+    return 3 * 4 * (counts.parameters + counts.vocab_padding + counts.mlm_head)
+
+
+def check_save_dir(save: str, model: ModelConfig, tp: int, lock_holder: bool = True) -> None:
+    """--save can be written and has room for a checkpoint (known before the first save is attempted), and
+    (asked of rank 0, the one that takes it) no other live run holds its lock."""
+    import shutil
+
+    from megatron_cmbert.checkpoint.lock import holder_of
+
+    existing = save
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(os.path.abspath(existing))
+        if parent == existing:
+            break
+        existing = parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--save {save}: not writable ({existing} is read-only for this user)")
+    need, free = checkpoint_bytes(model, tp), shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError(f"--save {save}: {free / 2**30:.1f} GiB free on its filesystem, a checkpoint of this "
+                          f"model needs {need / 2**30:.1f} GiB; free space or choose another --save")
+    holder = holder_of(save) if lock_holder and os.path.isdir(save) else None
+    if holder:
+        raise ConfigError(f"--save {save} is in use by a run still going ({holder}); wait for it to finish, "
+                          f"stop it, or choose another --save")
 
 
 # ---- rules that compare the configuration with the checkpoints on disk (no process group needed) ---------

@@ -312,12 +312,13 @@ class Trainer:
                         if do_eval:
                             self._evaluate_and_log()
                         if do_save:
-                            self.save()
+                            with stop.saving():
+                                self.save()
                 if ck.exit_interval and self.step % ck.exit_interval == 0:
                     self.stop_reason = f"--exit-interval {ck.exit_interval}"
                     break
             if ck.save and self.step != self.saved_step:
-                with self.meter.paused():
+                with self.meter.paused(), stop.saving():
                     self.save()
         finally:
             stop.uninstall()
