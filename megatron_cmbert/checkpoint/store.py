@@ -305,6 +305,42 @@ def delete_after(save_dir: str, step: int, ranks: Ranks, log=print) -> None:
     _barrier()
 
 
+def _ignore_stop_signals() -> None:
+    """Initializer of the writer's queue manager (module level: a spawned process imports it): deaf to the
+    stop signals, and killed by the kernel when the rank that started it dies, however it dies (Linux
+    PR_SET_PDEATHSIG), so it can never outlive the run holding the run's output pipes."""
+    import ctypes
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the manager's own finaliser still shuts it down
+        pass
+
+
+_WRITER_MANAGER = None
+
+
+def _writer_queue_survives_stop_signals() -> None:
+    """megatron-core's checkpoint writer sends its results through a queue held by a multiprocessing manager,
+    a spawned process of its own in this process group. torchrun stops a run by signalling the rank's whole
+    group, so that manager died of SIGTERM (or Ctrl-C) in the middle of the stop's save (BrokenPipeError,
+    ConnectionResetError). Start it here, first, with the stop signals ignored: the rank decides when to
+    stop, and the manager ends with it."""
+    global _WRITER_MANAGER
+    from multiprocessing.managers import SyncManager
+
+    import torch.multiprocessing as mp
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
+        _WRITER_MANAGER.start(_ignore_stop_signals)
+        filesystem_async._results_queue = _WRITER_MANAGER.Queue()
+
+
 def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, train_state: TrainState,
                     record: RunRecord, tokenizer_dir: Optional[str] = None, keep_last: int = 0) -> str:
     """Write ``save_dir/iter_{step}`` atomically (see module docstring); returns its path. ``record`` becomes
@@ -314,6 +350,7 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, ranks: Ranks, tr
 
     final = os.path.join(save_dir, f"iter_{step:07d}")
     tmp = final + ".tmp"
+    _writer_queue_survives_stop_signals()
 
     def prepare():
         shutil.rmtree(tmp, ignore_errors=True)

@@ -233,9 +233,20 @@ def _as_is(item):
     return item  # module level: worker processes pickle the collate function
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and Ctrl-C: torchrun signals a rank's whole process group when it stops
+    a run, and torch's worker handler would die on it, failing the rank's next batch before it could save.
+    The training process decides when to stop and ends its workers (they also exit when it dies)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def step_loader(schedule: StepSchedule, num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """Steps in order (item k in the k-th place), built in `num_workers` background processes while the
     device trains; `pin_memory` page-locks them so the copies to a GPU do not block."""
     return torch.utils.data.DataLoader(schedule, batch_size=None, shuffle=False, collate_fn=_as_is,
                                        num_workers=num_workers, pin_memory=pin_memory,
+                                       worker_init_fn=_ignore_stop_signals if num_workers else None,
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None)

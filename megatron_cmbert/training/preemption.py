@@ -71,7 +71,7 @@ class StopSignal:
                 raise KeyboardInterrupt("second Ctrl-C: nothing saved since the last checkpoint")
             # os.write, not print: print from a handler that interrupted a print raises "reentrant call"
             os.write(2, b"Ctrl-C: stopping cleanly after this step (saving first); press again to stop at once\n")
-        if self.received is None or _CODE[name] > _CODE[self.received]:
+        if self.received is None:  # the first one names the stop: torchrun follows a Ctrl-C with SIGTERM
             self.received = name
 
     @contextlib.contextmanager
