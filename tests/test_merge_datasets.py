@@ -28,7 +28,7 @@ def corpus(tmp_path_factory, inews_train):
 
 
 def run_preprocess(files, tokenizer_dir, prefix, *extra):
-    preprocess_data.main(["--input", *files, "--tokenizer-model", tokenizer_dir, "--output-prefix", str(prefix),
+    preprocess_data.run(["--input", *files, "--tokenizer-model", tokenizer_dir, "--output-prefix", str(prefix),
                           "--quiet", *extra])
 
 
@@ -38,7 +38,7 @@ def test_merged_shards_are_byte_identical_to_one_run(corpus, tokenizer_dir, tmp_
     listing = tmp_path / "inputs.txt"
     listing.write_text("# the corpus\n" + "\n".join(files) + "\n\n", encoding="utf-8")
     for i in range(3):
-        preprocess_data.main(["--input-list", str(listing), "--tokenizer-model", tokenizer_dir, "--output-prefix",
+        preprocess_data.run(["--input-list", str(listing), "--tokenizer-model", tokenizer_dir, "--output-prefix",
                               str(tmp_path / "corpus"), "--shards", "3", "--shard-index", str(i), "--quiet"])
     shards = sorted(p.name for p in tmp_path.glob("corpus_shard*_text_document.idx"))
     assert shards == [f"corpus_shard{i:05d}-of-00003_text_document.idx" for i in range(3)]
