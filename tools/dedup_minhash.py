@@ -135,9 +135,9 @@ def run_local(paths, out_dir, work_dir, settings, tasks, workers, quiet=False, f
     dedup, local = _dedup()
     outputs = [os.path.join(out_dir, dedup.output_name(p)) for p in paths] + [os.path.join(out_dir, "dedup_report.json")]
     check_writable(out_dir, "-o")
-    check_writable(work_dir, "--work-dir")
-    locks = [local.FolderLock(out_dir, "the output folder")]
+    locks = [local.FolderLock(out_dir, "the output folder")]  # before anything else is written there
     try:
+        check_writable(work_dir, "--work-dir")
         if os.path.abspath(work_dir) != os.path.abspath(out_dir):
             locks.append(local.FolderLock(work_dir, "the work folder"))
         remove_leftovers(paths, out_dir, work_dir)
