@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -54,8 +55,18 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def start(name: str, *args) -> subprocess.Popen:
-    return subprocess.Popen(tool_cmd(name, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env(),
-                            cwd=REPO, start_new_session=True)
+    """The tool in its own session; `proc.lines` collects its stderr lines as they come (a kill point can
+    be a line the tool prints, e.g. the end of a pass)."""
+    proc = subprocess.Popen(tool_cmd(name, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=tool_env(), cwd=REPO, start_new_session=True, text=True)
+    proc.lines = []
+
+    def collect():
+        for line in proc.stderr:
+            proc.lines.append(line.rstrip("\n"))
+    proc.reader = threading.Thread(target=collect, daemon=True)
+    proc.reader.start()
+    return proc
 
 
 def kill9_when(proc: subprocess.Popen, ready, timeout: float = 90.0) -> None:
@@ -63,14 +74,15 @@ def kill9_when(proc: subprocess.Popen, ready, timeout: float = 90.0) -> None:
     deadline = time.time() + timeout
     while not ready():
         if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the tool ended (rc {proc.returncode}) before the kill point:\n{err.decode()[-2000:]}")
+            proc.reader.join(10)
+            pytest.fail(f"the tool ended (rc {proc.returncode}) before the kill point:\n" + "\n".join(proc.lines[-20:]))
         if time.time() > deadline:
             proc.kill()
             pytest.fail("the kill point was never reached")
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    proc.reader.join(10)
 
 
 def live_processes_of(session: int) -> list[int]:
