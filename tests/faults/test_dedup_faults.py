@@ -70,7 +70,7 @@ def _older_work_folder_with_doubled_signatures(out):
     surviving worker and by the rerun), its stage marked complete, a manifest without "format"."""
     work = out / ".dedup_work"
     manifest = json.loads((work / "manifest.json").read_text())
-    del manifest["format"], manifest["output_dir"]
+    manifest.pop("format", None), manifest.pop("output_dir", None)
     (work / "manifest.json").write_text(json.dumps(manifest))
     dtype = np.dtype([("h", "<u8", (11,)), ("doc", "<u4")])
     for bucket in (work / "signatures").iterdir():
