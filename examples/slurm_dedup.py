@@ -21,8 +21,10 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_cmbert.data.dedup import DedupError, DedupSettings, build_stages, check_work_dir  # noqa: E402
+from megatron_cmbert.data import dedup  # noqa: E402
+from megatron_cmbert.data.dedup import DedupSettings, build_stages, check_work_dir  # noqa: E402
 from megatron_cmbert.data.jsonl import expand_inputs  # noqa: E402
+from megatron_cmbert.errors import UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", dest="inputs", nargs="+", required=True, help="input files or glob patterns")
     p.add_argument("-o", "--output-dir", required=True, help="OUTDIR/<name>.jsonl and dedup_report.json")
     p.add_argument("--work-dir", default=None, help="shared-filesystem work folder (default: OUTDIR/.dedup_work)")
+    p.add_argument("--force", action="store_true",
+                   help="replace outputs this work folder did not write; start over a work folder of another run")
     p.add_argument("--tasks", type=int, default=64, help="signature/filter tasks (default: %(default)s)")
     p.add_argument("--partition", required=True, help="Slurm partition")
     p.add_argument("--time", default="04:00:00", help="time limit per task (default: %(default)s)")
@@ -54,8 +58,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = args.work_dir or os.path.join(args.output_dir, ".dedup_work")
     try:
         paths = [os.path.abspath(p) for p in expand_inputs(args.inputs)]
-        check_work_dir(work, paths, settings, args.tasks)
-    except (DedupError, FileNotFoundError) as exc:
+        out = os.path.abspath(args.output_dir)
+        found = dedup.read_manifest(work)
+        owned = dedup.same_run(found, dedup.work_manifest(paths, settings, args.tasks, out), work)
+        if found is not None and not owned and not args.force:
+            raise dedup.other_run_error(work)
+        outputs = [os.path.join(out, dedup.output_name(p)) for p in paths] + [os.path.join(out, "dedup_report.json")]
+        existing = [o for o in outputs if os.path.exists(o)]
+        if existing and not owned and not args.force:  # the same rule as tools/dedup_minhash.py
+            raise dedup.DedupError(f"{existing[0]} exists (from an earlier run, not from the work folder {work}); "
+                                   f"pass --force to replace it, or choose another -o")
+        check_work_dir(work, paths, settings, args.tasks, out, restart=args.force)
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     previous = None

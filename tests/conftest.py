@@ -94,7 +94,7 @@ def news_prefix(tmp_path_factory, tokenizer_dir, inews_dev):
     src = root / "news.jsonl"
     src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in inews_dev[:200]),
                    encoding="utf-8")
-    preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
+    preprocess_data.run(["--input", str(src), "--tokenizer-model", tokenizer_dir,
                           "--output-prefix", str(root / "news"), "--quiet"])
     return str(root / "news_text_document")
 

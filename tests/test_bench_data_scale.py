@@ -34,7 +34,7 @@ def test_synthetic_datasets_read_back_with_megatron_core(tmp_path):
 
 def test_smoke_run_measures_every_figure(tmp_path):
     out = tmp_path / "scale.json"
-    result = bench_data_scale.main(["--smoke", "--workdir", str(tmp_path), "--output-json", str(out)])
+    result = bench_data_scale.run(["--smoke", "--workdir", str(tmp_path), "--output-json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     (row,) = result["runs"]
     assert row["documents"] == 10_000 and row["tokens"] > 10_000

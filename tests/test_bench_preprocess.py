@@ -10,7 +10,7 @@ def test_smoke_run_reports_consistent_figures(tmp_path):
     from tools import bench_preprocess
 
     out = tmp_path / "bench.json"
-    returned = bench_preprocess.main(["--smoke", "--output-json", str(out)])
+    returned = bench_preprocess.run(["--smoke", "--output-json", str(out)])
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["stages"] == returned["stages"]  # floats round-trip exactly through JSON
 

@@ -18,7 +18,7 @@ def build(tmp_path, tokenizer_dir, texts, name="corpus"):
     src = tmp_path / f"{name}.jsonl"
     src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
     prefix = str(tmp_path / "out" / name)
-    preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir, "--output-prefix", prefix,
+    preprocess_data.run(["--input", str(src), "--tokenizer-model", tokenizer_dir, "--output-prefix", prefix,
                           "--quiet"])
     return prefix
 

@@ -104,7 +104,7 @@ def datatrove_removed(files, work: Path, *extra) -> tuple[set, dict]:
         p.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
         paths.append(p)
     out = work / "out"
-    assert tool.main(["--input", *map(str, paths), "-o", str(out), "--tasks", "2", "--quiet", *extra]) == 0
+    tool.run(["--input", *map(str, paths), "-o", str(out), "--tasks", "2", "--quiet", *extra])
     removed = set()
     for f, texts in enumerate(files):
         kept = {json.loads(x)["text"] for x in (out / f"src{f}.jsonl").read_text(encoding="utf-8").splitlines()}

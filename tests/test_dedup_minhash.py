@@ -73,8 +73,9 @@ def write_jsonl(path: Path, items, gz: bool = False) -> list[bytes]:
 
 
 def run_tool(inputs, outdir: Path, *extra) -> dict:
-    assert tool.main(["--input", *map(str, inputs), "-o", str(outdir), "--quiet", *extra]) == 0
-    return json.loads((outdir / "dedup_report.json").read_text(encoding="utf-8"))
+    report = tool.run(["--input", *map(str, inputs), "-o", str(outdir), "--quiet", *extra])
+    assert report == json.loads((outdir / "dedup_report.json").read_text(encoding="utf-8"))
+    return report
 
 
 def test_char_shingles_match_plain_rule(docs):
@@ -154,14 +155,18 @@ def test_rerun_resumes_and_refuses_other_inputs(corpus, tmp_path):
     assert tool.main(["--input", str(tmp / "a.jsonl"), "-o", str(out), "--quiet", "--ngram", "4"]) == 2
 
 
-def test_cli_errors_and_script_help(corpus, tmp_path):
+def test_cli_errors_and_script_help(corpus, tmp_path, capsys):
     tmp, _, _ = corpus
-    with pytest.raises(SystemExit):
-        tool.main(["--input", str(tmp / "missing.jsonl"), "-o", str(tmp_path)])
-    with pytest.raises(SystemExit):  # input would be overwritten by its output
-        tool.main(["--input", str(tmp / "a.jsonl"), "-o", str(tmp)])
-    with pytest.raises(SystemExit):
-        tool.main(["--input", str(tmp / "a.jsonl"), "-o", str(tmp_path), "--shingle", "bytes"])
+    for argv, said in ((["--input", str(tmp / "missing.jsonl"), "-o", str(tmp_path)], "input file not found"),
+                       (["--input", str(tmp / "a.jsonl"), "-o", str(tmp)], "would overwrite its input"),
+                       (["--input", str(tmp / "a.jsonl"), "-o", str(tmp_path), "--shingle", "bytes"], "--shingle")):
+        assert tool.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and said in err[0], err
+    d = DedupSettings()  # the parser's defaults are the settings' (it is built without datatrove)
+    args = tool.build_parser().parse_args(["--input", "x", "-o", "y"])
+    assert (args.ngram, args.buckets, args.rows, args.seed, args.json_key, args.shingle) == \
+        (d.ngram, d.buckets, d.rows, d.seed, d.json_key, d.shingle)
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "dedup_minhash.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "datatrove" in res.stdout and "--tasks" in res.stdout

@@ -64,10 +64,11 @@ def tiny(tmp_path_factory, tokenizer_dir):
 def test_batched_tool_equals_one_copy_per_forward_fp64(tiny, news_prefix, tmp_path):
     ckpt, model64 = tiny
     out = tmp_path / "pppl.json"
-    assert eval_pppl.main(["--load", str(ckpt), "--data-prefix", news_prefix, "--lengths", "16", "42",
-                           "--max-units", "0", "--pool-tokens", str(POOL), "--tokens-per-forward", "300",
-                           "--output-json", str(out), "--no-progress", "--device", "cpu"]) == 0
+    returned = eval_pppl.run(["--load", str(ckpt), "--data-prefix", news_prefix, "--lengths", "16", "42",
+                              "--max-units", "0", "--pool-tokens", str(POOL), "--tokens-per-forward", "300",
+                              "--output-json", str(out), "--no-progress", "--device", "cpu"])
     report = json.loads(out.read_text())
+    assert returned["results"] == report["results"] and not (tmp_path / "pppl.json.partial").exists()
     assert (tmp_path / "pppl.png").stat().st_size > 1000
     tokens, flags = raw_stream(news_prefix, POOL)
 
@@ -150,8 +151,8 @@ def test_summarize_and_paired_ratio_by_hand():
 def test_errors_are_one_line(tiny, news_prefix, tmp_path, capsys):
     ckpt, _ = tiny
     args = ["--load", str(ckpt), "--output-json", str(tmp_path / "x.json"), "--no-progress"]
-    assert eval_pppl.main(args + ["--data-prefix", news_prefix, "--lengths", "10000000"]) == 1
+    assert eval_pppl.main(args + ["--data-prefix", news_prefix, "--lengths", "10000000"]) == 2  # a user error
     assert "fewer than one window" in capsys.readouterr().err
-    assert eval_pppl.main(args + ["--input", str(tmp_path / "missing.jsonl")]) == 1
+    assert eval_pppl.main(args + ["--input", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()

@@ -28,7 +28,7 @@ def corpus(tmp_path_factory, inews_train):
 
 
 def run_preprocess(files, tokenizer_dir, prefix, *extra):
-    preprocess_data.main(["--input", *files, "--tokenizer-model", tokenizer_dir, "--output-prefix", str(prefix),
+    preprocess_data.run(["--input", *files, "--tokenizer-model", tokenizer_dir, "--output-prefix", str(prefix),
                           "--quiet", *extra])
 
 
@@ -38,13 +38,13 @@ def test_merged_shards_are_byte_identical_to_one_run(corpus, tokenizer_dir, tmp_
     listing = tmp_path / "inputs.txt"
     listing.write_text("# the corpus\n" + "\n".join(files) + "\n\n", encoding="utf-8")
     for i in range(3):
-        preprocess_data.main(["--input-list", str(listing), "--tokenizer-model", tokenizer_dir, "--output-prefix",
+        preprocess_data.run(["--input-list", str(listing), "--tokenizer-model", tokenizer_dir, "--output-prefix",
                               str(tmp_path / "corpus"), "--shards", "3", "--shard-index", str(i), "--quiet"])
     shards = sorted(p.name for p in tmp_path.glob("corpus_shard*_text_document.idx"))
     assert shards == [f"corpus_shard{i:05d}-of-00003_text_document.idx" for i in range(3)]
     out = tmp_path / "merged_text_document"
-    assert merge_datasets.main(["--input", str(tmp_path / "corpus_shard*-of-00003_text_document"),
-                                "--output", str(out), "--quiet"]) == 0
+    merge_datasets.run(["--input", str(tmp_path / "corpus_shard*-of-00003_text_document"),
+                        "--output", str(out), "--quiet"])
     single = tmp_path / "single_text_document"
     for suffix in SUFFIXES:
         assert (tmp_path / (out.name + suffix)).read_bytes() == (tmp_path / (single.name + suffix)).read_bytes(), suffix
@@ -70,13 +70,15 @@ def test_shards_cover_every_input_once():
         assert [p for b in blocks for p in b] == paths and all(blocks)
 
 
-def test_empty_shard_and_bad_index_are_one_line_errors(corpus, tokenizer_dir, tmp_path):
+def test_empty_shard_and_bad_index_are_one_line_errors(corpus, tokenizer_dir, tmp_path, capsys):
     _, files = corpus
-    with pytest.raises(SystemExit, match="gets no input file"):
-        run_preprocess(files[:2], tokenizer_dir, tmp_path / "x", "--shards", "3", "--shard-index", "0")
-    with pytest.raises(SystemExit):
-        preprocess_data.parse_args(["--input", "a", "--tokenizer-model", "t", "--output-prefix", "o",
-                                    "--shards", "2", "--shard-index", "2"])
+    assert preprocess_data.main(["--input", *files[:2], "--tokenizer-model", tokenizer_dir, "--output-prefix",
+                                 str(tmp_path / "x"), "--shards", "3", "--shard-index", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gets no input file" in err[0], err
+    assert preprocess_data.main(["--input", "a", "--tokenizer-model", "t", "--output-prefix", "o",
+                                 "--shards", "2", "--shard-index", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: --shard-index must be in 0..1")
 
 
 def test_mismatched_tokenizer_is_refused(corpus, tokenizer_dir, tmp_path, capsys):

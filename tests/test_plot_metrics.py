@@ -27,8 +27,9 @@ def test_resumed_run_joins_each_step_once_and_runs_overlay(tmp_path):
                    + [{"step": 8, "valid_loss": 7.0, "valid_pppl_64": 40.0, "valid_pppl_128": 45.0}])
     other = write(tmp_path / "b.jsonl", [train_row(s, 5.0) for s in range(1, 4)])
     out = tmp_path / "curves.png"
-    assert plot_metrics.main(["--metrics-file", first, second, "--metrics-file", other, "--label", "A",
-                              "--label", "B", "--output", str(out)]) == 0
+    result = plot_metrics.run(["--metrics-file", first, second, "--metrics-file", other, "--label", "A",
+                               "--label", "B", "--output", str(out)])
+    assert result["labels"] == ["A", "B"] and result["steps"] == [8, 3]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     run = plot_metrics.load_run([first, second])

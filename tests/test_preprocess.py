@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def build(tmp_path, tokenizer_dir, texts, name="corpus", extra=()):
     src = tmp_path / f"{name}.jsonl"
     write_jsonl(src, texts)
     prefix = str(tmp_path / "out" / name)
-    summary = preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
+    summary = preprocess_data.run(["--input", str(src), "--tokenizer-model", tokenizer_dir,
                                     "--output-prefix", prefix, "--quiet", *extra])
     return prefix + "_text_document", summary
 
@@ -92,7 +93,7 @@ def test_sidecar_records_the_tokenizer_and_the_counts(tmp_path, tokenizer_dir, i
                     "created_by": "tools/preprocess_data.py"}
     assert not os.path.exists(prefix + "_wordstart.meta.json")
     # rebuilt in place with another tokenizer: the sidecar describes the new data, never the old
-    build(tmp_path, small_tokenizer_dir, texts)
+    build(tmp_path, small_tokenizer_dir, texts, extra=("--force",))  # replacing needs --force
     rebuilt = json.loads(open(prefix + ".meta.json", encoding="utf-8").read())
     small_ids = [e.ids for e in load_tokenizer(small_tokenizer_dir).encode_batch(texts, add_special_tokens=False)]
     assert rebuilt["tokenizer"]["path"] == os.path.abspath(small_tokenizer_dir)
@@ -179,7 +180,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer_dir, capsys):
     ]
     src.write_bytes(b"\n".join(lines) + b"\n")
     prefix = str(tmp_path / "out")
-    summary = preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
+    summary = preprocess_data.run(["--input", str(src), "--tokenizer-model", tokenizer_dir,
                                     "--output-prefix", prefix, "--quiet"])
     info = summary["keys"]["text"]
     assert info["documents"] == 2
@@ -190,13 +191,14 @@ def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer_dir, capsys):
     assert len(indexed_dataset(prefix + "_text_document")) == 2
 
 
-def test_strict_stops_at_first_bad_line_with_file_and_line(tmp_path, tokenizer_dir):
+def test_strict_stops_at_first_bad_line_with_file_and_line(tmp_path, tokenizer_dir, capsys):
     src = tmp_path / "bad.jsonl"
     src.write_text('{"text": "好"}\n{"text": "也好"}\n{"text": 3}\n{"oops\n', encoding="utf-8")
     prefix = str(tmp_path / "out")
-    with pytest.raises(SystemExit, match=r"bad\.jsonl:3: non_string"):
-        preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
-                              "--output-prefix", prefix, "--quiet", "--strict"])
+    assert preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
+                                 "--output-prefix", prefix, "--quiet", "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"error: .*bad\.jsonl:3: non_string \[key 'text'\]", err[0]), err
     assert os.listdir(tmp_path) == ["bad.jsonl"]  # nothing written, temporaries removed
 
 
@@ -206,7 +208,7 @@ def test_same_bytes_with_one_and_two_workers(tmp_path, tokenizer_dir, inews_dev)
     outputs = {}
     for workers in (1, 2):
         prefix = str(tmp_path / f"w{workers}")
-        preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir, "--output-prefix",
+        preprocess_data.run(["--input", str(src), "--tokenizer-model", tokenizer_dir, "--output-prefix",
                               prefix, "--quiet", "--workers", str(workers), "--chunk-chars", "20000"])
         outputs[workers] = {s: open(f"{prefix}_text_document{s}", "rb").read()
                             for s in (".bin", ".idx", "_wordstart.bin", "_wordstart.idx")}
@@ -218,7 +220,7 @@ def test_several_keys_give_several_datasets(tmp_path, tokenizer_dir):
     src = tmp_path / "kv.jsonl"
     src.write_text('{"title": "标题一", "text": "正文一"}\n{"title": "标题二"}\n', encoding="utf-8")
     prefix = str(tmp_path / "kv")
-    summary = preprocess_data.main(["--input", str(src), "--json-keys", "title", "text",
+    summary = preprocess_data.run(["--input", str(src), "--json-keys", "title", "text",
                                     "--tokenizer-model", tokenizer_dir, "--output-prefix", prefix, "--quiet"])
     assert summary["keys"]["title"]["documents"] == 2
     assert summary["keys"]["text"]["documents"] == 1

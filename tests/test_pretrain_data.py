@@ -21,7 +21,7 @@ def prefixes(tmp_path_factory, tokenizer_dir, inews_dev):
     for name, texts in (("a", inews_dev[:300]), ("b", inews_dev[300:500])):
         src = root / f"{name}.jsonl"
         src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
-        preprocess_data.main(["--input", str(src), "--tokenizer-model", tokenizer_dir,
+        preprocess_data.run(["--input", str(src), "--tokenizer-model", tokenizer_dir,
                               "--output-prefix", str(root / name), "--quiet"])
         out.append(str(root / f"{name}_text_document"))
     return out

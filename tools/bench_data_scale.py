@@ -31,6 +31,8 @@ import time
 import warnings
 from typing import Optional
 
+from megatron_cmbert import cli
+
 import numpy as np
 
 GOALS = {"uss_mb": 300.0, "first_s": 5.0, "build_s": 180.0}
@@ -78,7 +80,7 @@ def write_synthetic(prefix: str, lengths, vocab: int = 32000, seed: int = 0, spa
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ToolParser(prog="bench_data_scale.py", description=__doc__)
     p.add_argument("--documents", type=float, nargs="+", default=[1e6, 1e7, 1e8],
                    help="dataset sizes in documents (default 1e6 1e7 1e8)")
     p.add_argument("--mean-length", type=int, default=300, help="mean document length in tokens (default 300)")
@@ -200,7 +202,8 @@ def measure(args, n_docs: int, workdir: str) -> dict:
     return row
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Measure; returns the figures (also --output-json)."""
     args = parse_args(argv)
     if args.role:
         out = _child(args)
@@ -238,5 +241,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return results
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run_tool(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,12 +20,19 @@ import tempfile
 import time
 from typing import Optional
 
+from megatron_cmbert import cli
+from megatron_cmbert.errors import UserError
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 GOAL = 2_000_000
 
 
+class BenchError(UserError, ValueError):
+    """A dataset the benchmark cannot read tokens from."""
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ToolParser(prog="bench_loader.py", description=__doc__)
     p.add_argument("--data-prefix", default=None, help="existing PREFIX_text_document; default: build from inews")
     p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer trained when building (default 32000)")
     p.add_argument("--seq-lengths", type=int, nargs="+", default=[1024, 8192], help="sample sizes (default 1024 8192)")
@@ -54,7 +61,8 @@ def build_inews(workdir: str, vocab_size: int, max_docs: int) -> str:
     return os.path.join(workdir, "inews_text_document")
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Measure; returns the figures (also --output-json)."""
     args = parse_args(argv)
     import numpy as np
     import torch
@@ -91,7 +99,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             # Baseline: the same number of tokens read straight from the mmap, document by document.
             start, read, doc = time.perf_counter(), 0, 0
             if data.lengths.sum() == 0:
-                raise SystemExit(f"error: {prefix} holds no tokens")
+                raise BenchError(f"{prefix}: holds no tokens")
             while read < tokens:
                 read += np.asarray(data.tokens[doc % len(data.lengths)], dtype=np.int64).size
                 doc += 1
@@ -107,5 +115,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return results
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run_tool(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,7 @@ Example:
 Stages, each on one core (TOKENIZERS_PARALLELISM=false, one process):
   raw   tokenizers.Tokenizer.encode_batch over ~1M-char batches: the ceiling of what the builder can do;
   seg   Segmenter("rjieba").word_lengths over every text;
-  full  the whole preprocess_data.main() call (JSON parsing, tokenizing, segmenting, flags, writing).
+  full  the whole preprocess_data.run() call (JSON parsing, tokenizing, segmenting, flags, writing).
 Also the builder's peak RSS at 1x and 4x the corpus, each in a fresh subprocess. The tokenizer is
 trained on the corpus first (or reused with --tokenizer-model); training time is reported, not counted.
 """
@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Optional
 
+from megatron_cmbert import cli
+
 # Set before anything touches tokenizers: every figure here is per core, and the builder scales with
 # --workers processes, not with tokenizer threads.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -46,7 +48,7 @@ _RSS_PROBE = (
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ToolParser(prog="bench_preprocess.py", description=__doc__)
     p.add_argument("--max-docs", type=int, default=0, help="use only the first N documents; 0 = all (default)")
     p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer to train (default: 32000, the paper's)")
     p.add_argument("--tokenizer-model", default=None, help="reuse this tokenizer directory instead of training")
@@ -142,7 +144,7 @@ def time_full(builder, jsonl: str, tok_dir: str, prefix: str, workers: int, chun
             "--workers", str(workers), "--chunk-chars", str(chunk_chars), "--quiet"]
     with contextlib.redirect_stdout(io.StringIO()):  # keep our table readable; its summary is returned
         start = time.perf_counter()
-        summary = builder.main(argv)
+        summary = builder.run(argv)
         seconds = time.perf_counter() - start
     return seconds, summary["keys"]["text"]["chars"]
 
@@ -156,7 +158,8 @@ def peak_rss_mb(jsonl: str, tok_dir: str, prefix: str, chunk_chars: int) -> tupl
     return int(out.split()[-1]) / 1024, time.perf_counter() - start
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Measure; returns the figures (also --output-json)."""
     args = parse_args(argv)
     from megatron_cmbert.data.segment import Segmenter
     from megatron_cmbert.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe
@@ -261,5 +264,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return result
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run_tool(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

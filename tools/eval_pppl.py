@@ -18,13 +18,20 @@ reported as N/A; rotary models (ours) run past their trained length (an HF model
 marked in the table and by a dashed line in the plot.
 
 Writes --output-json (results) and --plot (PPPL against length, 95% intervals), each by rename when complete.
+As each length is done its result is printed (one line) and appended to OUTPUT_JSON.partial (JSON lines,
+the first line the settings), so a long or stopped run keeps what it measured; the .partial file is removed
+when the final JSON is in place. Progress: a bar on a terminal, otherwise a line every 30 s.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from typing import Optional
+
+from megatron_cmbert import cli
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DEFAULT_LENGTHS = (128, 512, 1024, 2048, 4096, 8192)
@@ -33,7 +40,7 @@ DEFAULT_LENGTHS = (128, 512, 1024, 2048, 4096, 8192)
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     from megatron_cmbert.eval.encoders import add_encoder_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ToolParser(prog="eval_pppl.py", description=__doc__)
     add_encoder_args(p)
     src = p.add_argument_group("held-out text (exactly one)").add_mutually_exclusive_group(required=True)
     src.add_argument("--data-prefix", help="an indexed dataset prefix (PREFIX.bin/.idx and PREFIX_wordstart) built "
@@ -57,7 +64,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="unit selection and bootstrap seed (default 0)")
     p.add_argument("--output-json", default="pppl.json", help="results file (default pppl.json)")
     p.add_argument("--plot", default=None, help="PNG of PPPL against length (default: --output-json with .png)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
     args = p.parse_args(argv)
     if any(n < 3 for n in args.lengths):
         p.error("--lengths must be at least 3 ([CLS] token [SEP])")
@@ -88,6 +95,9 @@ def held_out(args, encoder, pool_tokens: int):
 
     if not os.path.isfile(args.input):
         raise PPPLError(f"{args.input}: no such file")
+    from megatron_cmbert.data.jsonl import check_readable
+
+    check_readable(args.input)
     texts = (t for t, _ in (get_text(r, args.json_key) for r in iter_records([args.input])) if t)
     return stream_from_texts(texts, encoder.tokenizer, pool_tokens, segmenter=args.segmenter)
 
@@ -119,9 +129,36 @@ def plot(rows: list[dict], path: str, title: str, trained: int | None) -> None:
     plt.close(fig)
 
 
-def run(args) -> dict:
-    from tqdm import tqdm
+class PartialResults:
+    """OUTPUT_JSON.partial: the settings, then one JSON line per finished length (appended, flushed)."""
 
+    def __init__(self, output_json: str, settings: dict):
+        self.path = output_json + ".partial"
+        if os.path.exists(self.path):
+            print(f"{self.path}: partial results of an earlier run that did not finish; replaced by this run's",
+                  file=sys.stderr)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.fh = open(self.path, "w", encoding="utf-8")
+        self._write({"settings": settings})
+        self.start = time.monotonic()
+
+    def _write(self, row: dict) -> None:
+        self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.fh.flush()
+
+    def add(self, result) -> None:
+        self._write(result.as_dict())
+        print(f"PPPL @ {result.length}: {result.pppl:.3f} [{result.ci95[0]:.3f}, {result.ci95[1]:.3f}] over "
+              f"{result.units} units ({time.monotonic() - self.start:.0f} s so far; in {self.path})",
+              file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        self.fh.close()
+        os.remove(self.path)
+
+
+def evaluate(args):
+    """(the report, its PartialResults: removed by the caller once the final JSON is written)."""
     from megatron_cmbert.eval.encoders import encoder_from_args
     from megatron_cmbert.eval.pppl import encoder_nll_fn, evaluate_lengths
     from megatron_cmbert.eval.report import machine
@@ -133,11 +170,15 @@ def run(args) -> dict:
     pool = args.pool_tokens or 2 * (max(runnable or lengths) - 2)
     tokens, flags = held_out(args, encoder, pool)
     tok = encoder.tokenizer
-    bar = lambda total, n: tqdm(total=total, desc=f"PPPL @ {n}", unit="unit", file=sys.stderr, disable=args.no_progress)
+    bar = lambda total, n: cli.Progress(total, f"PPPL @ {n}", "units", disable=args.no_progress)  # noqa: E731
+    partial = PartialResults(args.output_json, {
+        "model": encoder.name, "held_out": args.data_prefix or args.input, "unit": args.unit,
+        "max_units": args.max_units, "lengths": runnable, "pool_tokens": int(len(tokens)), "seed": args.seed})
     results = evaluate_lengths(encoder_nll_fn(encoder), tokens, flags, runnable, cls_id=tok.cls_token_id,
                                sep_id=tok.sep_token_id, mask_id=tok.mask_token_id, unit=args.unit,
                                max_units=args.max_units or None, seed=args.seed, bootstrap=args.bootstrap,
-                               progress_factory=bar, tokens_per_forward=max(args.tokens_per_forward, max(runnable or [1])),
+                               progress_factory=bar, on_result=partial.add,
+                               tokens_per_forward=max(args.tokens_per_forward, max(runnable or [1])),
                                device=encoder.device)
     by_length = {r.length: r.as_dict() for r in results}
     # ours: the trained --seq-length; hf: max_position_embeddings (our exports write the trained length there)
@@ -151,7 +192,8 @@ def run(args) -> dict:
             "held_out": args.data_prefix or args.input, "split": args.split, "split_part": args.split_part if args.split else None,
             "pool_tokens": int(len(tokens)), "dtype": str(next(encoder.backbone.parameters()).dtype).replace("torch.", ""),
             "device": str(encoder.device), "trained_length": trained, "seed": args.seed,
-            "interval": "95% percentile bootstrap over units", "machine": machine(encoder.device), "results": rows}
+            "interval": "95% percentile bootstrap over units", "machine": machine(encoder.device),
+            "results": rows}, partial
 
 
 def print_table(report: dict) -> None:
@@ -175,22 +217,23 @@ def print_table(report: dict) -> None:
               f"[{r['ci95'][0]:>9.3f}, {r['ci95'][1]:>9.3f}] {paired:>44}{note}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    from megatron_cmbert.data.dataset_checks import DataConfigError
-    from megatron_cmbert.eval.encoders import EncoderError
-    from megatron_cmbert.eval.pppl import PPPLError
-    from megatron_cmbert.eval.report import run_quietly, write_json
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Evaluate; returns the report (also --output-json)."""
+    from megatron_cmbert.eval.report import write_json
 
-    report = run_quietly(run, args, (EncoderError, PPPLError, DataConfigError))
-    if report is None:
-        return 1
+    args = parse_args(argv)
+    report, partial = evaluate(args)
     print_table(report)
     write_json(report, args.output_json)
+    partial.done()  # the final file is in place: the partial one has done its job
     png = args.plot or os.path.splitext(args.output_json)[0] + ".png"
     plot(report["results"], png, f"{report['model']} ({report['unit']} units)", report["trained_length"])
     print(f"wrote {args.output_json} and {png}")
-    return 0
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run_tool(run, argv)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ Each input is a token-dataset prefix written by tools/preprocess_data.py (PREFIX
 PREFIX_wordstart.bin/.idx and PREFIX.meta.json); globs are expanded and sorted, so shard files
 `..._shard00000-of-00064_...` merge in index order. The output is byte-identical to what one
 preprocess_data.py run over the shards' inputs in that order writes (.bin and .idx of both datasets); its
-meta.json has the same fields with "created_by": "tools/merge_datasets.py". Every input must record the same
+meta.json has the same fields with "created_by": "tools/merge_datasets.py" (its max_token_id the inputs' largest:
+an input whose sidecar predates that field is scanned once, saying so). Every input must record the same
 tokenizer (sha256) and json key. Data is copied in blocks, never loaded whole, and the output appears by
-rename only when complete (an interrupted merge leaves *.partial-<pid> files only, which it removes).
+rename only when complete: an interrupted merge removes its *.partial-<pid> files, and those of a killed one
+are removed at the next start. The output folder must have room for the inputs' size before anything is
+written; an existing output is replaced only with --force.
 
 Blending many prefixes with --data-path in tools/pretrain.py also works without merging; a merged dataset
 keeps the number of files (and open maps per rank) small.
@@ -25,10 +28,12 @@ import sys
 from typing import Optional
 
 import numpy as np
-from tqdm import tqdm
 
-from megatron_cmbert.data.dataset_checks import META_SUFFIX
+from megatron_cmbert import cli
+from megatron_cmbert.data.dataset_checks import META_SUFFIX, max_token_id
 from megatron_cmbert.data.indexed import IndexedDatasetWriter, IndexFormatError, commit_all, read_index_header
+from megatron_cmbert.data.outputs import (check_free_space, check_writable, remove_stale, stale_temp_pattern,
+                                          write_errors)
 from megatron_cmbert.errors import UserError
 
 WORDSTART = "_wordstart"
@@ -39,13 +44,13 @@ class MergeError(UserError, ValueError):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ToolParser(prog="merge_datasets.py", description=__doc__)
     p.add_argument("--input", nargs="+", required=True, metavar="PREFIX",
                    help="token-dataset prefixes (..._text_document) or globs of them, merged in the order given "
                         "(each glob sorted)")
     p.add_argument("--output", required=True, metavar="PREFIX", help="prefix of the merged token dataset")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, otherwise a line every 30 s)")
     return p.parse_args(argv)
 
 
@@ -74,9 +79,17 @@ def read_meta(prefix: str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
-        meta["tokenizer"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        tokenizer = meta.get("tokenizer")
+        if not tokenizer:
+            raise MergeError(f"{path}: records no tokenizer (a dataset built before sidecars); rebuild it with "
+                             f"tools/preprocess_data.py")
+        tokenizer["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MergeError(f"{path}: unreadable dataset metadata ({exc})") from None
+    if "max_token_id" not in meta:  # a sidecar from before the field: the merged one must still have it
+        meta["max_token_id"] = max_token_id(prefix)
+        print(f"{prefix}: no max_token_id in its sidecar (an older build): scanned its tokens once "
+              f"({meta['max_token_id']})", file=sys.stderr)
     return meta
 
 
@@ -89,7 +102,7 @@ def merged_meta(metas: list[dict], prefixes: list[str]) -> dict:
         if meta.get("json_key") != first.get("json_key"):
             raise MergeError(f"{prefix}: json key {meta.get('json_key')!r}, but {prefixes[0]} has "
                              f"{first.get('json_key')!r}")
-    tops = [m.get("max_token_id") for m in metas if m.get("max_token_id") is not None]
+    tops = [m["max_token_id"] for m in metas if m["max_token_id"] is not None]  # None: an empty input
     # the field order of tools/preprocess_data.py, so the sidecars differ only in created_by
     return {"tokenizer": first["tokenizer"], "documents": sum(int(m["documents"]) for m in metas),
             "tokens": sum(int(m["tokens"]) for m in metas), "max_token_id": max(tops) if tops else None,
@@ -103,31 +116,40 @@ def merge(prefixes: list[str], output: str, *, force: bool = False, progress: bo
         raise MergeError("no input datasets")
     if os.path.abspath(output) in {os.path.abspath(p) for p in prefixes}:
         raise MergeError(f"{output}: the output is also an input")
-    if not force and any(os.path.exists(output + s) for s in (".idx", WORDSTART + ".idx")):
-        raise MergeError(f"{output}.idx exists; pass --force to replace it")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    check_writable(out_dir, "--output")
+    bases = [os.path.basename(output) + w for w in ("", WORDSTART)]
+    remove_stale(out_dir, stale_temp_pattern([b + k for b in bases for k in (".bin", ".idx", ".lengths", META_SUFFIX)]))
+    existing = [output + s for s in (".bin", ".idx", META_SUFFIX, WORDSTART + ".bin", WORDSTART + ".idx")
+                if os.path.exists(output + s)]
+    if existing and not force:
+        raise MergeError(f"{existing[0]} exists; pass --force to replace it")
     metas = [read_meta(p) for p in prefixes]
     meta = merged_meta(metas, prefixes)
+    if meta["documents"] == 0:
+        raise MergeError(f"the inputs hold 0 documents ({', '.join(prefixes)}); nothing to merge")
     try:
         token_dtype = read_index_header(prefixes[0] + ".idx")[0]
     except IndexFormatError as exc:
         raise MergeError(str(exc)) from None
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    writers = [IndexedDatasetWriter(output, token_dtype.type), IndexedDatasetWriter(output + WORDSTART, np.uint8)]
-    total = sum(os.path.getsize(p + s) for p in prefixes for s in (".bin", WORDSTART + ".bin"))
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress or None, dynamic_ncols=True)
-    try:
-        for prefix in prefixes:
-            writers[0].append_dataset(prefix, bar)
-            writers[1].append_dataset(prefix + WORDSTART, bar)
-            if writers[0].num_documents != writers[1].num_documents:
-                raise MergeError(f"{prefix}: its word-start dataset has another number of documents")
-        for w in writers:
-            w.finalize()
-        writers[0].write_meta(meta)
-        commit_all(writers)
-    except BaseException as exc:
+    sizes = sum(os.path.getsize(p + s) for p in prefixes for s in (".bin", ".idx", WORDSTART + ".bin", WORDSTART + ".idx"))
+    # the merged files are the inputs' size (less their headers); the old output goes only after the new is in
+    check_free_space(out_dir, sizes, "the merged dataset")
+    writers = []
+
+    def abort():
         for w in writers:
             w.abort()
+
+    total = sum(os.path.getsize(p + s) for p in prefixes for s in (".bin", WORDSTART + ".bin"))
+    bar = cli.Progress(total, "merge", "bytes", disable=not progress)
+    try:
+        with write_errors(output + "*", abort, kept="partial files removed, nothing written"):
+            writers += [IndexedDatasetWriter(output, token_dtype.type),
+                        IndexedDatasetWriter(output + WORDSTART, np.uint8)]
+            merge_into(writers, prefixes, meta, bar)
+    except BaseException as exc:
+        abort()
         if isinstance(exc, IndexFormatError):
             raise MergeError(str(exc)) from None
         raise
@@ -136,20 +158,34 @@ def merge(prefixes: list[str], output: str, *, force: bool = False, progress: bo
     return meta
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def merge_into(writers, prefixes: list[str], meta: dict, bar) -> None:
+    """Append every input to the two writers, then finalize and move the result into place."""
+    for prefix in prefixes:
+        writers[0].append_dataset(prefix, bar)
+        writers[1].append_dataset(prefix + WORDSTART, bar)
+        if writers[0].num_documents != writers[1].num_documents:
+            raise MergeError(f"{prefix}: its word-start dataset has another number of documents")
+    for w in writers:
+        w.finalize()
+    writers[0].write_meta(meta)
+    commit_all(writers)
+
+
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Merge; returns the merged dataset's sidecar."""
     args = parse_args(argv)
+    prefixes = expand_prefixes(args.input)
     try:
-        prefixes = expand_prefixes(args.input)
         meta = merge(prefixes, args.output, force=args.force, progress=not args.quiet)
-    except MergeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
-        return 130
+        raise KeyboardInterrupt("no output was written") from None
     print(f"merged {len(prefixes)} datasets: {meta['documents']:,} documents, {meta['tokens']:,} tokens -> "
           f"{args.output}.bin/.idx/{META_SUFFIX[1:]} and {args.output}{WORDSTART}.bin/.idx")
-    return 0
+    return meta
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run_tool(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ pieces of one resumed run, joined in order: a step that appears twice (a run res
 checkpoint repeats the steps after it) keeps its last row, so every step is drawn once. Panels: train and
 validation loss, MLM accuracy, learning rate, masking rate, gradient norm, tokens/s, and validation
 pseudo-perplexity per length (valid_pppl_N) when logged. The PNG appears by rename when complete.
+
+A run's legend name is its --label, or else the shortest end of its first file's path that tells the runs
+apart: the folder names when every run's file has the same name (run_a/metrics.jsonl, run_b/metrics.jsonl ->
+"run_a", "run_b"; more folders when those repeat too), the file names (without .jsonl) otherwise.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import os
 import sys
 from typing import Optional
 
+from megatron_cmbert import cli
 from megatron_cmbert.errors import UserError
 
 PANELS = [  # (title, metric keys drawn in it, y log scale)
@@ -36,11 +41,12 @@ class MetricsError(UserError, ValueError):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ToolParser(prog="plot_metrics.py", description=__doc__)
     p.add_argument("--metrics-file", nargs="+", action="append", required=True, metavar="FILE",
                    help="one run's JSONL file(s), joined in order (repeat the flag for more runs)")
     p.add_argument("--label", action="append", default=None,
-                   help="legend name per run, in --metrics-file order (default: the first file's name)")
+                   help="legend name per run, in --metrics-file order (default: the end of its path that tells the "
+                        "runs apart, e.g. the run folder's name)")
     p.add_argument("--output", default="metrics.png", help="PNG to write (default metrics.png)")
     args = p.parse_args(argv)
     if args.label and len(args.label) != len(args.metrics_file):
@@ -72,6 +78,24 @@ def load_run(paths: list[str]) -> dict[int, dict]:
                 seen_here.add(step)
                 rows.setdefault(step, {}).update(row)
     return dict(sorted(rows.items()))
+
+
+def run_labels(paths: list[str]) -> list[str]:
+    """Unique legend names: the shortest trailing part of each path that differs between the runs (module
+    docstring); the same file given twice is numbered."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep)[1:] for p in paths]
+    names = {q[-1] for q in parts}
+    if len(names) == 1 and (len(parts) > 1 or names == {"metrics.jsonl"}):
+        parts = [q[:-1] or q for q in parts]  # every file is called the same: their folders tell them apart
+    else:
+        parts = [q[:-1] + [q[-1][:-len(".jsonl")] if q[-1].endswith(".jsonl") else q[-1]] for q in parts]
+    longest = max(len(q) for q in parts)
+    for k in range(1, longest + 1):
+        labels = ["/".join(q[-k:]) for q in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    labels = [q[-1] for q in parts]  # one file given for two runs
+    return [f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
 
 
 def series(run: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
@@ -114,20 +138,20 @@ def plot(runs: list[dict[int, dict]], labels: list[str], output: str):
     return fig
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Draw the curves; returns {"output", "labels", "steps"} (steps per run)."""
     args = parse_args(argv)
-    try:
-        runs = [load_run(paths) for paths in args.metrics_file]
-    except MetricsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    labels = args.label or [os.path.basename(paths[0]) for paths in args.metrics_file]
+    runs = [load_run(paths) for paths in args.metrics_file]
+    labels = args.label or run_labels([paths[0] for paths in args.metrics_file])
     if not any(runs):
-        print("error: the metrics files hold no rows", file=sys.stderr)
-        return 2
+        raise MetricsError(f"the metrics files hold no rows: {', '.join(p for ps in args.metrics_file for p in ps)}")
     plot(runs, labels, args.output)
-    print(f"wrote {args.output} ({len(runs)} run(s), {sum(len(r) for r in runs)} steps)")
-    return 0
+    print(f"wrote {args.output} ({len(runs)} run(s): {', '.join(labels)}; {sum(len(r) for r in runs)} steps)")
+    return {"output": args.output, "labels": labels, "steps": [len(r) for r in runs]}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run_tool(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ frequent characters up to half of the learned entries (vocab size - 5 special - 
 code point, so runs agree); rarer characters become byte tokens (still lossless) and the rest of the
 budget goes to merges. A corpus too small to reach the size stops with a message saying what to pass,
 unless --pad-vocab fills the rest with unused entries.
+
+The output folder is checked before the corpus is read (it must take a file); a tokenizer already there is
+replaced only with --force. The files are written to PARENT/.DIR.tokenizer-tmp-<pid> and moved into DIR when
+complete (a new DIR appears by one rename); what a killed run left there is removed at the next start.
 """
 from __future__ import annotations
 
@@ -22,24 +26,34 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from typing import Iterator, Optional
 
+from megatron_cmbert import cli
 from megatron_cmbert.data.jsonl import SkipCounter, expand_inputs, get_text, iter_records
-from megatron_cmbert.data.tokenizer import (ALPHABET_SHARE, VOCAB_MULTIPLE, TokenizerSizeError, max_alphabet,
-                                             save_tokenizer, select_alphabet, train_bpe, vocabulary_summary)
+from megatron_cmbert.data.outputs import (DISK_FULL, DiskFullError, check_writable, refuse_existing, remove_stale,
+                                          stale_temp_pattern, write_errors)
+from megatron_cmbert.data.tokenizer import (ALPHABET_SHARE, VOCAB_MULTIPLE, max_alphabet, save_tokenizer,
+                                             select_alphabet, train_bpe, vocabulary_summary)
+from megatron_cmbert.errors import UserError
+
+OUTPUTS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "training_info.json")
+
+
+class TokenizerInputError(UserError, ValueError):
+    """A corpus that gives no training text."""
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ToolParser(prog="train_tokenizer.py", description=__doc__)
     p.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.gz files or globs")
     p.add_argument("--json-key", default="text", help="field holding the text (default: text)")
     p.add_argument("--vocab-size", type=int, default=32000,
                    help=f"final vocabulary size incl. special and byte tokens, rounded down to a multiple "
                         f"of {VOCAB_MULTIPLE} (default: 32000)")
     p.add_argument("--output-dir", required=True, help="directory for tokenizer.json and HF config files")
+    p.add_argument("--force", action="store_true", help="replace a tokenizer already in --output-dir")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: 2)")
     p.add_argument("--max-token-length", type=int, default=16,
                    help="longest token in characters; 0 = unlimited (default: 16)")
@@ -62,7 +76,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "straddle word boundaries, slightly lower chars/token)")
     p.add_argument("--segmenter", default="rjieba", choices=["rjieba", "jieba"],
                    help="segmenter for --train-on-words (default: rjieba)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (a bar on a terminal, otherwise a line every 30 s per pass over the corpus)")
     return p.parse_args(argv)
 
 
@@ -79,8 +94,8 @@ class CorpusSplit:
     """Streams training texts from the inputs and keeps a deterministic held-out slice aside."""
 
     def __init__(self, paths: list[str], key: str, heldout_every: int, max_heldout_chars: int,
-                 max_train_chars: int):
-        self.paths, self.key = paths, key
+                 max_train_chars: int, progress: Optional[cli.Progress] = None):
+        self.paths, self.key, self.progress = paths, key, progress
         self.heldout_every, self.max_heldout_chars = heldout_every, max_heldout_chars
         self.max_train_chars = max_train_chars
         self.heldout: list[str] = []
@@ -90,6 +105,8 @@ class CorpusSplit:
     def train_texts(self) -> Iterator[str]:
         doc_index = 0
         for record in iter_records(self.paths):
+            if self.progress is not None:
+                self.progress.update(record.nbytes)
             text, reason = get_text(record, self.key)
             if text is None:
                 self.skipped.add(reason, record.where)
@@ -118,10 +135,20 @@ def _words(texts: Iterator[str], segmenter: str) -> Iterator[str]:
             pos += n
 
 
+def temp_dir_name(output_dir: str, pid: int) -> str:
+    return f".{os.path.basename(os.path.abspath(output_dir))}.tokenizer-tmp-{pid}"
+
+
 def _replace_dir(tmp_dir: str, output_dir: str) -> None:
-    """Move finished files into output_dir; a crash before this leaves output_dir untouched."""
-    os.makedirs(output_dir, exist_ok=True)
-    for name in sorted(os.listdir(tmp_dir)):
+    """Move the finished files into output_dir: a new (or empty) folder appears by one rename; into a folder
+    that holds other files too, file by file, tokenizer.json last. A crash before this leaves output_dir as
+    it was."""
+    if os.path.isdir(output_dir) and not os.listdir(output_dir):
+        os.rmdir(output_dir)
+    if not os.path.exists(output_dir):
+        os.rename(tmp_dir, output_dir)
+        return
+    for name in sorted(os.listdir(tmp_dir), key=lambda n: n == "tokenizer.json"):
         os.replace(os.path.join(tmp_dir, name), os.path.join(output_dir, name))
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -130,33 +157,76 @@ class Corpus:
     """The training texts as a re-iterable: each pass reads the inputs again through a fresh CorpusSplit
     (the last pass's split holds the counts and the held-out slice)."""
 
+    PASSES = ("counting characters", "training BPE")
+
     def __init__(self, args, paths: list[str]):
         self.args, self.paths = args, paths
         self.split: Optional[CorpusSplit] = None
+        self.passes = 0
+        self.total = sum(os.path.getsize(p) for p in paths)  # bytes read, compressed inputs count more
 
     def __iter__(self) -> Iterator[str]:
         a = self.args
-        self.split = CorpusSplit(self.paths, a.json_key, a.heldout_every, a.max_heldout_chars, a.max_train_chars)
-        texts = self.split.train_texts()
-        return _words(texts, a.segmenter) if a.train_on_words else texts
+        name = self.PASSES[min(self.passes, 1)]
+        self.passes += 1
+        progress = cli.Progress(None, f"train_tokenizer: {name}", "bytes read", disable=a.quiet)
+        self.split = CorpusSplit(self.paths, a.json_key, a.heldout_every, a.max_heldout_chars, a.max_train_chars,
+                                 progress)
+
+        def texts():
+            with progress:
+                yield from self.split.train_texts()
+        return _words(texts(), a.segmenter) if a.train_on_words else texts()
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def check_output_dir(output_dir: str, force: bool) -> str:
+    """Before the corpus is read: the parent folder takes a file, a killed run's temporary folder is removed,
+    and a tokenizer already there needs --force. Returns the parent folder."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    check_writable(parent, "--output-dir")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise TokenizerInputError(f"--output-dir {output_dir}: a file, not a folder")
+    remove_stale(parent, stale_temp_pattern([f".{os.path.basename(os.path.abspath(output_dir))}"], r"\.tokenizer-tmp-"))
+    refuse_existing([os.path.join(output_dir, n) for n in OUTPUTS], force)
+    return parent
+
+
+def write_output(tok, info: dict, parent: str, output_dir: str) -> None:
+    """The files into a temporary folder, then into output_dir (a full disk: one line, the folder removed)."""
+    tmp_dir = os.path.join(parent, temp_dir_name(output_dir, os.getpid()))
+    cleanup = lambda: shutil.rmtree(tmp_dir, ignore_errors=True)  # noqa: E731
+    with write_errors(tmp_dir, cleanup, kept=f"nothing written to {output_dir}"):
+        os.makedirs(tmp_dir)
+        try:
+            save_tokenizer(tok, tmp_dir)
+        except Exception as exc:  # the Rust writer reports an OS error as a plain Exception
+            if any(f"os error {e}" in str(exc) for e in DISK_FULL):
+                cleanup()
+                raise DiskFullError(f"disk full while writing {tmp_dir}/tokenizer.json ({cli.one_line(exc)}); "
+                                    f"nothing written to {output_dir}") from None
+            raise
+        with open(os.path.join(tmp_dir, "training_info.json"), "w", encoding="utf-8") as fh:
+            json.dump(info, fh, ensure_ascii=False, indent=2)
+        _replace_dir(tmp_dir, output_dir)
+
+
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Train and write the tokenizer; returns training_info.json's contents."""
     args = parse_args(argv)
     paths = expand_inputs(args.input)
+    parent = check_output_dir(args.output_dir, args.force)
     corpus = Corpus(args, paths)
     start = time.time()
-    try:
-        alphabet = select_alphabet(corpus, args.vocab_size, args.limit_alphabet or None)
-        if corpus.split.train_docs == 0:
-            raise SystemExit(f"error: no usable text under key {args.json_key!r} in {', '.join(paths)}")
-        with warnings.catch_warnings(record=True) as caught:  # a padding warning is reported loudly below
-            warnings.simplefilter("always")
-            tok = train_bpe(corpus, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                            max_token_length=args.max_token_length or None, alphabet=alphabet,
-                            show_progress=not args.quiet and sys.stderr.isatty(), pad=args.pad_vocab)
-    except TokenizerSizeError as error:
-        raise SystemExit(f"error: {error}") from None
+    alphabet = select_alphabet(corpus, args.vocab_size, args.limit_alphabet or None)
+    if corpus.split.train_docs == 0:
+        skipped = corpus.split.skipped
+        why = f"{skipped.total:,} line(s) skipped: {skipped.describe()}" if skipped.total else "no non-blank line"
+        raise TokenizerInputError(f"{', '.join(paths)}: no usable text under key {args.json_key!r} ({why})")
+    with warnings.catch_warnings(record=True) as caught:  # a padding warning is reported loudly below
+        warnings.simplefilter("always")
+        tok = train_bpe(corpus, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                        max_token_length=args.max_token_length or None, alphabet=alphabet,
+                        show_progress=not args.quiet and sys.stderr.isatty(), pad=args.pad_vocab)
     seconds = time.time() - start
     split = corpus.split
     summary = vocabulary_summary(tok)
@@ -187,13 +257,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "large_model_parameters": params,
         "large_model_embedding_share": round(share, 4),
     }
-    parent = os.path.dirname(os.path.abspath(args.output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
-    save_tokenizer(tok, tmp_dir)
-    with open(os.path.join(tmp_dir, "training_info.json"), "w", encoding="utf-8") as fh:
-        json.dump(info, fh, ensure_ascii=False, indent=2)
-    _replace_dir(tmp_dir, args.output_dir)
+    write_output(tok, info, parent, args.output_dir)
 
     print(f"trained on {split.train_docs:,} documents, {split.train_chars:,} chars in {seconds:.1f} s")
     if args.vocab_size != vocab:
@@ -211,5 +275,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return info
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run_tool(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,8 +9,12 @@ tokenizer of the same size trains silently on garbage. tools/preprocess_data.py 
      "documents": int, "tokens": int, "max_token_id": int | None, "json_key": str, "inputs": [...],
      "created_by": "tools/preprocess_data.py"}
 
-Datasets built before sidecars existed are checked by scanning the token file (memory-mapped, in chunks)
-for its largest id. Every failure is a DataConfigError whose one-line message names the path, what is
+The largest token id is read from the sidecar, never by scanning the data at every launch (a full scan reads
+the whole token file: gigabytes of file pages on a large dataset). A dataset built before sidecars had it is
+scanned once (memory-mapped, in chunks), saying so in one line, and the result recorded: into its older
+sidecar, or into a sidecar of its own with no tokenizer entry (the tokenizer is not known), together with
+the token file's size and mtime so that a rebuilt file is scanned again. Where the folder cannot be written,
+each launch scans and says so. Every failure is a DataConfigError whose one-line message names the path, what is
 wrong and what to pass instead; tools turn it into an exit message.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 
 import numpy as np
 
@@ -83,18 +88,59 @@ def check_data_prefix(prefix: str) -> None:
 
 
 def _read_meta(prefix: str) -> dict | None:
+    """The sidecar's tokenizer ("sha256" None when it records none) and largest id ("max_token_id" absent when
+    the sidecar predates it, or when a scan's record no longer matches the token file)."""
     path = meta_path(prefix)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
-        tokenizer = meta["tokenizer"]
-        return {"sha256": str(tokenizer["sha256"]), "vocab_size": int(tokenizer["vocab_size"]),
-                "path": tokenizer.get("path"), "max_token_id": meta.get("max_token_id")}
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        tokenizer = meta.get("tokenizer")
+        out = {"sha256": str(tokenizer["sha256"]) if tokenizer else None,
+               "vocab_size": int(tokenizer["vocab_size"]) if tokenizer else None,
+               "path": tokenizer.get("path") if tokenizer else None, "raw": meta}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise DataConfigError(f"{path}: unreadable dataset metadata ({error}); rebuild the dataset with "
                               f"tools/preprocess_data.py") from None
+    if "max_token_id" in meta and (_bin_stamp(prefix) == meta.get("scanned") or "scanned" not in meta):
+        out["max_token_id"] = meta["max_token_id"]
+    return out
+
+
+def _bin_stamp(prefix: str) -> dict:
+    st = os.stat(prefix + ".bin")
+    return {"bin_bytes": st.st_size, "bin_mtime_ns": st.st_mtime_ns}
+
+
+def _log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per launch, not one per rank
+        print(message, file=sys.stderr, flush=True)
+
+
+def recorded_max_token_id(prefix: str, meta: dict | None, log=_log) -> int | None:
+    """The largest token id of PREFIX: from its sidecar, or scanned once and recorded there (module doc)."""
+    if meta is not None and "max_token_id" in meta:
+        return meta["max_token_id"]
+    largest = max_token_id(prefix)
+    record = dict(meta["raw"]) if meta is not None else {
+        "documents": None, "created_by": "megatron_cmbert.data.dataset_checks (a scan; the tokenizer is not known)"}
+    record.update(max_token_id=largest, scanned=_bin_stamp(prefix))
+    path = meta_path(prefix)
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, ensure_ascii=False, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+        where = f"recorded in {os.path.basename(path)}, so later launches read it from there"
+    except OSError as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        where = f"not recorded ({path}: {error.strerror}), so every launch scans it"
+    what = "no max_token_id in its older sidecar" if meta is not None else "no sidecar (built before sidecars)"
+    log(f"{prefix}: {what}: scanned the token file once for its largest id ({largest}), {where}")
+    return largest
 
 
 def _index_dtype(prefix: str) -> np.dtype:
@@ -120,13 +166,14 @@ def max_token_id(prefix: str) -> int | None:
     return max(int(values[lo:lo + _SCAN_CHUNK].max()) for lo in range(0, size, _SCAN_CHUNK))
 
 
-def check_dataset_tokenizer(prefix: str, tokenizer_dir: str) -> None:
+def check_dataset_tokenizer(prefix: str, tokenizer_dir: str, log=_log) -> None:
     """The dataset at PREFIX must have been built with the tokenizer at tokenizer_dir: same tokenizer.json
-    (sha256) per the sidecar, or, without a sidecar, no token id at or past the vocabulary size."""
+    (sha256) per the sidecar, or, without a tokenizer recorded, no token id at or past the vocabulary size
+    (the largest id read from the sidecar, or scanned once and recorded: module docstring)."""
     tokenizer = tokenizer_fingerprint(tokenizer_dir)
     vocab = tokenizer["vocab_size"]
     meta = _read_meta(prefix)
-    if meta is not None:
+    if meta is not None and meta["sha256"] is not None:
         built_with = meta["path"] or "its original tokenizer"
         if meta["sha256"] != tokenizer["sha256"]:
             sizes = f"same size {vocab}" if meta["vocab_size"] == vocab else \
@@ -136,12 +183,12 @@ def check_dataset_tokenizer(prefix: str, tokenizer_dir: str) -> None:
                 f"{tokenizer_dir} is a different tokenizer (sha256 {tokenizer['sha256'][:12]}, {sizes}): "
                 f"the ids would mean other text; pass --tokenizer-model {built_with} or rebuild the dataset "
                 f"with tools/preprocess_data.py --tokenizer-model {tokenizer_dir}")
-        largest = meta["max_token_id"]
+        largest = recorded_max_token_id(prefix, meta, log)
         if largest is not None and int(largest) >= vocab:  # a hand-edited sidecar; never trust it blindly
             raise DataConfigError(f"{prefix}: token ids up to {largest} but {tokenizer_dir} has {vocab} "
                                   f"entries; rebuild the dataset with tools/preprocess_data.py")
         return
-    largest = max_token_id(prefix)
+    largest = recorded_max_token_id(prefix, meta, log)
     if largest is not None and largest >= vocab:
         raise DataConfigError(
             f"{prefix}: no {os.path.basename(meta_path(prefix))} sidecar (built before sidecars), and a scan "

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import sys
 import unicodedata
 from dataclasses import asdict, dataclass
 
@@ -228,7 +231,10 @@ class LinesWriter(PipelineStep):
                 fh.close()
         except BaseException:
             for i, fh in handles.items():
-                fh.close()
+                try:
+                    fh.close()  # on a full disk the flush in close fails; the file is closed all the same
+                except OSError:
+                    pass
                 os.remove(tmp_of[i])
             raise
         for i in files:
@@ -251,6 +257,8 @@ class ReportStep(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         read, kept = {}, {}
         for name in sorted(os.listdir(self.stats_dir)):
+            if not STATS_NAME.fullmatch(name):  # e.g. a killed writer's read_00000.json.tmp<pid>
+                continue
             with open(os.path.join(self.stats_dir, name), encoding="utf-8") as fh:
                 (read if name.startswith("read_") else kept).update(json.load(fh))
         files = []
@@ -273,6 +281,9 @@ class ReportStep(PipelineStep):
         _write_json(os.path.join(self.out_dir, "dedup_report.json"), report)
         return
         yield
+
+
+STATS_NAME = re.compile(r"(read|write)_\d{5}\.json")
 
 
 @dataclass(frozen=True)
@@ -300,19 +311,76 @@ def build_stages(paths: list[str], out_dir: str, work_dir: str, settings: DedupS
     ]
 
 
-def check_work_dir(work_dir: str, paths: list[str], settings: DedupSettings, tasks: int) -> None:
-    """Resuming is only correct for the same inputs, settings and task count: the work folder
-    records them on first use, and a later run with others is refused (naming the folder)."""
-    manifest = {
+WORK_FORMAT = 2  # 2: written by a tool whose killed runs leave no task running (data/dedup_local.py)
+WORK_ENTRIES = ("signatures", "buckets", "remove_ids", "stats", "logs", "manifest.json")
+
+
+def work_manifest(paths: list[str], settings: DedupSettings, tasks: int, output_dir: str | None = None) -> dict:
+    return {
+        "format": WORK_FORMAT,
         "inputs": [{"path": os.path.abspath(p), "size": os.path.getsize(p),
                     "mtime_ns": os.stat(p).st_mtime_ns} for p in paths],
         "settings": asdict(settings), "tasks": tasks,
+        "output_dir": os.path.abspath(output_dir) if output_dir else None,
     }
+
+
+def read_manifest(work_dir: str) -> dict | None:
     path = os.path.join(work_dir, "manifest.json")
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return None
+    try:
         with open(path, encoding="utf-8") as fh:
-            if json.load(fh) != manifest:
-                raise DedupError(f"{work_dir} holds a run with other inputs, settings or --tasks; "
-                                 "remove it or choose another --work-dir")
-        return
-    _write_json(path, manifest)
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}  # unreadable: a work folder of no known run
+
+
+def clear_work_dir(work_dir: str) -> None:
+    """Remove what the stages wrote (only those entries: the folder may hold other things)."""
+    for name in WORK_ENTRIES:
+        path = os.path.join(work_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def other_run_error(work_dir: str) -> DedupError:
+    return DedupError(f"{work_dir} holds a run with other inputs, settings, --tasks or output folder; "
+                      "remove it, choose another --work-dir, or pass --force to start it over")
+
+
+def same_run(found: dict | None, manifest: dict, work_dir: str) -> bool:
+    """Whether the work folder's manifest is this run's (any format): its outputs are then this run's own.
+    A folder of an older tool recorded no output folder: it is the default one's, OUTDIR/.dedup_work."""
+    if not found or any(found.get(k) != manifest[k] for k in ("inputs", "settings", "tasks")):
+        return False
+    owner = found.get("output_dir", os.path.dirname(os.path.abspath(work_dir)) if "format" not in found else None)
+    return owner == manifest["output_dir"]
+
+
+def check_work_dir(work_dir: str, paths: list[str], settings: DedupSettings, tasks: int,
+                   output_dir: str | None = None, restart: bool = False, log=None) -> str:
+    """Resuming is only correct for the same inputs, settings and task count: the work folder records them
+    on first use. Returns "new", "resume" or "restarted". A folder of other inputs or settings is refused
+    (naming it), or started over with ``restart`` (--force); one written by an older version of the tool,
+    whose killed runs could leave signatures written twice, is started over, saying so in one line."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    manifest = work_manifest(paths, settings, tasks, output_dir)
+    found = read_manifest(work_dir)
+    if found == manifest:
+        return "resume"
+    if found is not None:
+        older = found.get("format") is None and all(found.get(k) == manifest[k] for k in ("inputs", "settings", "tasks"))
+        if older:
+            log(f"{work_dir}: a work folder of an older dedup_minhash.py (a killed run of it could leave "
+                f"signatures written twice): starting it over")
+        elif restart:
+            log(f"{work_dir}: held a run with other inputs, settings, --tasks or output folder: starting it "
+                f"over (--force)")
+        else:
+            raise other_run_error(work_dir)
+        clear_work_dir(work_dir)
+    _write_json(os.path.join(work_dir, "manifest.json"), manifest)
+    return "new" if found is None else "restarted"

@@ -11,6 +11,7 @@ A writer may carry a JSON sidecar (``<prefix>.meta.json``, see ``write_meta``), 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -50,6 +51,17 @@ def read_index_header(path: str) -> tuple[np.dtype, int]:
     return codes[code], sequences
 
 
+@contextlib.contextmanager
+def _naming(path: str):
+    """A write error without a file name (a full disk: write() and close() give none) gets `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, path) from None
+        raise
+
+
 def token_dtype(vocab_size: int) -> type:
     """Smallest dtype for token ids, as Megatron chooses it (uint16 below 65,500 entries)."""
     return np.uint16 if vocab_size < 65500 else np.int32
@@ -80,8 +92,10 @@ class IndexedDatasetWriter:
         lengths = np.ascontiguousarray(lengths, dtype=np.int32)
         if int(lengths.sum()) != values.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {values.size} values were given")
-        self._bin.write(values.tobytes())
-        self._lengths.write(lengths.tobytes())
+        with _naming(self.bin_tmp):
+            self._bin.write(values.tobytes())
+        with _naming(self.len_tmp):
+            self._lengths.write(lengths.tobytes())
         self.num_documents += lengths.size
         self.num_elements += values.size
         if values.size:
@@ -103,13 +117,14 @@ class IndexedDatasetWriter:
         for lo in range(0, n, _CHUNK):
             block = np.asarray(lengths[lo:lo + _CHUNK])
             total += int(block.sum(dtype=np.int64))
-            self._lengths.write(block.tobytes())
+            with _naming(self.len_tmp):
+                self._lengths.write(block.tobytes())
         del lengths
         expected = total * self.dtype.itemsize
         if os.path.getsize(prefix + ".bin") != expected:
             raise IndexFormatError(f"{prefix}.bin: {os.path.getsize(prefix + '.bin')} bytes, but its index "
                                    f"describes {expected} (an incomplete or mismatched pair)")
-        with open(prefix + ".bin", "rb") as src:
+        with open(prefix + ".bin", "rb") as src, _naming(self.bin_tmp):
             while block := src.read(_COPY_BYTES):
                 self._bin.write(block)
                 if progress is not None:
@@ -120,18 +135,20 @@ class IndexedDatasetWriter:
     def write_meta(self, meta: dict) -> None:
         """Write the sidecar ``<prefix>.meta.json`` under a temporary name; commit_all moves it in place
         together with the data, before the ``.idx`` that makes the dataset look complete."""
-        with open(self.meta_tmp, "w", encoding="utf-8") as fh:
+        with _naming(self.meta_tmp), open(self.meta_tmp, "w", encoding="utf-8") as fh:
             json.dump(meta, fh, ensure_ascii=False, indent=2)
             fh.write("\n")
         self.has_meta = True
 
     def finalize(self) -> None:
         """Close the data file and write the index, still under temporary names."""
-        self._bin.close()
-        self._lengths.close()
+        with _naming(self.bin_tmp):
+            self._bin.close()
+        with _naming(self.len_tmp):
+            self._lengths.close()
         n = self.num_documents
         itemsize = self.dtype.itemsize
-        with open(self.idx_tmp, "wb") as idx, open(self.len_tmp, "rb") as lens:
+        with _naming(self.idx_tmp), open(self.idx_tmp, "wb") as idx, open(self.len_tmp, "rb") as lens:
             idx.write(INDEX_HEADER)
             idx.write(struct.pack("<Q", 1))
             idx.write(struct.pack("<B", DTYPE_CODES[self.dtype.type]))
@@ -151,9 +168,13 @@ class IndexedDatasetWriter:
         os.remove(self.len_tmp)
 
     def abort(self) -> None:
-        """Close and delete every temporary file (safe to call twice)."""
+        """Close and delete every temporary file (safe to call twice, and on a full disk: closing flushes
+        the buffer, which fails there, but the file is closed all the same and removed, freeing the space)."""
         for fh in (self._bin, self._lengths):
-            fh.close()
+            try:
+                fh.close()
+            except OSError:
+                pass
         for path in (self.bin_tmp, self.idx_tmp, self.len_tmp, self.meta_tmp):
             if os.path.exists(path):
                 os.remove(path)

@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -38,23 +39,42 @@ class Record:
 
 
 class BadInputError(UserError, ValueError):
-    """Raised in strict mode at the first bad line, naming file:line and the reason."""
+    """An input that cannot be read as a corpus: a bad line in strict mode, a truncated or corrupt compressed
+    file, a file that cannot be opened; the message names file (and line) and the reason."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """A named input file (or glob) that matches nothing."""
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Files named directly or by glob, in the order given (each glob sorted); error if none match."""
+    """Files named directly or by glob, in the order given (each glob sorted); an error names the first that
+    is missing or cannot be opened for reading (checked here, before any output is written)."""
     paths: list[str] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
-                raise FileNotFoundError(f"no input file matches {pattern!r}")
+                raise InputNotFoundError(f"no input file matches {pattern!r}")
             paths.extend(matches)
         elif os.path.isfile(pattern):
             paths.append(pattern)
+        elif os.path.isdir(pattern):
+            raise InputNotFoundError(f"{pattern}: a folder, not an input file (give its files or a glob)")
         else:
-            raise FileNotFoundError(f"input file not found: {pattern!r}")
+            raise InputNotFoundError(f"input file not found: {pattern!r}")
+    for path in paths:
+        check_readable(path)
     return paths
+
+
+def check_readable(path: str) -> None:
+    """BadInputError naming `path` when it cannot be opened and read."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def is_gzip(path: str) -> bool:
@@ -68,31 +88,48 @@ def open_binary(path: str):
     return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
 
 
-def iter_records(paths: Iterable[str], keep_raw: bool = False) -> Iterator[Record]:
-    """Yield one Record per non-blank line of each file, in order. Never raises on bad content.
-    ``keep_raw`` also keeps each line's bytes (newline included) so a filter can copy it unchanged."""
-    for path in paths:
+def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) of a plain or gzip file; a truncated or corrupt gzip stream (or a read
+    error) raises BadInputError naming the file and the last line read whole."""
+    lineno = 0
+    try:
         with open_binary(path) as fh:
             for lineno, raw in enumerate(fh, start=1):
-                nbytes = len(raw)
-                keep = raw if keep_raw else b""
-                if not raw.strip():
-                    continue  # blank lines (e.g. a trailing newline) are not documents
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    yield Record(path, lineno, None, "invalid_utf8", f"byte {exc.start}", nbytes, keep)
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg  # "Invalid control character at"
-                    yield Record(path, lineno, None, "malformed_json", f"{msg} at column {exc.colno}", nbytes, keep)
-                    continue
-                if not isinstance(obj, dict):
-                    yield Record(path, lineno, None, "malformed_json", "not a JSON object", nbytes, keep)
-                    continue
-                yield Record(path, lineno, obj, nbytes=nbytes, raw=keep)
+                yield lineno, raw
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise BadInputError(f"{path}: truncated or corrupt gzip data after line {lineno} ({exc}); "
+                            f"recompress or re-download it") from None
+    except OSError as exc:
+        if exc.errno is None:  # gzip reports some damage as a bare OSError
+            raise BadInputError(f"{path}: corrupt compressed data after line {lineno} ({exc})") from None
+        raise BadInputError(f"{path}: read error after line {lineno} ({exc.strerror or exc})") from None
+
+
+def iter_records(paths: Iterable[str], keep_raw: bool = False) -> Iterator[Record]:
+    """Yield one Record per non-blank line of each file, in order. Never raises on bad content (a line);
+    a file that cannot be read to its end (truncated .gz) raises BadInputError naming it and the line.
+    ``keep_raw`` also keeps each line's bytes (newline included) so a filter can copy it unchanged."""
+    for path in paths:
+        for lineno, raw in _lines(path):
+            nbytes = len(raw)
+            keep = raw if keep_raw else b""
+            if not raw.strip():
+                continue  # blank lines (e.g. a trailing newline) are not documents
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield Record(path, lineno, None, "invalid_utf8", f"byte {exc.start}", nbytes, keep)
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg  # "Invalid control character at"
+                yield Record(path, lineno, None, "malformed_json", f"{msg} at column {exc.colno}", nbytes, keep)
+                continue
+            if not isinstance(obj, dict):
+                yield Record(path, lineno, None, "malformed_json", "not a JSON object", nbytes, keep)
+                continue
+            yield Record(path, lineno, obj, nbytes=nbytes, raw=keep)
 
 
 def get_text(record: Record, key: str) -> tuple[Optional[str], Optional[str]]:
@@ -128,6 +165,11 @@ class SkipCounter:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """One line: each reason with its count and first location, most frequent first."""
+        return ", ".join(f"{n:,} {reason} (first at {self.examples[reason][0]})"
+                         for reason, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def summary_lines(self) -> list[str]:
         lines = []

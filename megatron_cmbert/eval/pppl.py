@@ -191,9 +191,11 @@ def summarize(length: int, nll: np.ndarray, count: np.ndarray, windows: int, *, 
 
 def evaluate_lengths(nll_fn, tokens: np.ndarray, flags: np.ndarray, lengths, *, cls_id: int, sep_id: int,
                      mask_id: int, unit: str = "word", max_units: int | None = 256, seed: int = 0,
-                     bootstrap: int = 1000, progress_factory=None, **score_kwargs) -> list[LengthResult]:
+                     bootstrap: int = 1000, progress_factory=None, on_result=None,
+                     **score_kwargs) -> list[LengthResult]:
     """PPPL at each length over one pool (the trainer's validation metric and eval_pppl's core).
-    progress_factory(total, length) -> a tqdm-like object (or None)."""
+    progress_factory(total, length) -> a tqdm-like object (or None); on_result(LengthResult) is called as
+    each length is done (a long evaluation writes its partial results as it goes)."""
     results = []
     for length in lengths:
         windows = cut_windows(tokens, flags, length, cls_id=cls_id, sep_id=sep_id, unit=unit,
@@ -211,6 +213,8 @@ def evaluate_lengths(nll_fn, tokens: np.ndarray, flags: np.ndarray, lengths, *, 
         if results:
             result.vs_first = paired_ratio(results[0], result, bootstrap=bootstrap, seed=seed)
         results.append(result)
+        if on_result is not None:
+            on_result(result)
     return results
 
 
