@@ -50,7 +50,7 @@ def test_bench_exits_nonzero_when_the_triton_rows_fail(tmp_path, capsys, monkeyp
     assert rows and all(r["impl"] != "triton" or r["mode"] == "plan" for r in rows)  # the baselines still ran
     captured = capsys.readouterr()
     assert "triton: FAILED (RuntimeError: kernel broken on purpose)" in captured.out
-    assert captured.err.startswith("FAILED: ") and "Triton rows (0 ran)" in captured.err
+    assert captured.err.startswith("error: ") and "Triton rows failed (0 ran)" in captured.err
 
 
 def test_packed_lengths_are_a_training_micro_batch():

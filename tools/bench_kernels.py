@@ -27,7 +27,6 @@ Exit status 1 when a Triton row failed (the rows it exists for); a baseline that
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -38,6 +37,9 @@ import time
 
 import numpy as np
 import torch
+
+from megatron_cmbert.cli import ToolParser, run_tool
+from megatron_cmbert.errors import ToolFailure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CORPUS = os.path.join(ROOT, "examples", "data", "demo_corpus.jsonl")
@@ -324,8 +326,9 @@ def attention_sweep(args, device, dtype, bench, sink) -> list[str]:
     return failed
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run(argv=None) -> list[dict]:
+    """The timed rows; ToolFailure (exit 1) when a Triton row this benchmark exists for failed."""
+    parser = ToolParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under Triton's interpreter")
     parser.add_argument("--csv", help="write every row to this CSV file (as it is timed, to FILE.partial first)")
     parser.add_argument("--ops", default="attention,rope,geglu,rms_norm",
@@ -419,9 +422,12 @@ def main(argv=None) -> int:
         print(f"{row['op']:9} {row['case']:26} {row['mode']:8} {row['ms']:9.3f} {row['rate']:>8} {row['unit']:7}"
               f"{row['pct_peak']:5.1f}%  {ratios}")
     if failed:
-        print(f"FAILED: {len(failed)} Triton rows ({timed} ran): {'; '.join(failed)[:1000]}", file=sys.stderr)
-        return 1
-    return 0
+        raise ToolFailure(f"{len(failed)} Triton rows failed ({timed} ran): {'; '.join(failed)[:1000]}")
+    return list(rows)
+
+
+def main(argv=None) -> int:
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ Why: Triton's CPU interpreter (what CI runs) accepts code the GPU compiler rejec
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
+
+from megatron_cmbert.cli import ToolParser, run_tool
+from megatron_cmbert.errors import ToolFailure, UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -135,10 +137,9 @@ def format_table(records) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+def run(argv=None) -> list:
+    """The compiled kernels' records; ToolFailure (exit 1) when any launch failed to compile."""
+    parser = ToolParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--capability", type=int, default=90,
                         help="CUDA compute capability to compile for (90 = H100/H200, 80 = A100)")
     parser.add_argument("--full", action="store_true", help="also fp16/fp32 and head_dim 32/128 everywhere")
@@ -146,9 +147,8 @@ def main(argv=None) -> int:
     from megatron_cmbert.kernels.triton_utils import interpreter_requested
 
     if interpreter_requested():
-        print("error: TRITON_INTERPRET is set, so Triton builds interpreter-only kernels; unset it to compile "
-              "them for a GPU", file=sys.stderr)
-        return 2
+        raise UserError("TRITON_INTERPRET is set, so Triton builds interpreter-only kernels; unset it to compile "
+                        "them for a GPU")
     import triton
 
     print(f"compiling for sm_{args.capability} with triton {triton.__version__} (no GPU needed)")
@@ -162,7 +162,13 @@ def main(argv=None) -> int:
     for where, message in failures:
         print(f"FAIL {where}: {message}", file=sys.stderr)
     print(f"{len(records)} kernels compiled, {len(failures)} failures, {time.perf_counter() - begin:.0f} s")
-    return 1 if failures else 0
+    if failures:
+        raise ToolFailure(f"{len(failures)} launches did not compile (first: {failures[0][0]})")
+    return records
+
+
+def main(argv=None) -> int:
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

@@ -63,25 +63,3 @@ def machine_line(info: dict) -> str:
     where = info.get("gpu") or f"{info['cpu']} ({info['cpu_threads']} threads)"
     return f"machine: {where}; torch {info['torch']}" + (f", transformers {info['transformers']}"
                                                           if "transformers" in info else "")
-
-
-def run_quietly(run, args, errors: tuple):
-    """The tools' shell: silence library notices that are not about this run (megatron-core's optional
-    TE/apex, torch deprecations inside its loader, transformers' "longer than the maximum length": inputs
-    are tokenized whole and then cut or refused), then run(args). One of `errors` is printed as
-    `error: <one line>` on stderr and gives None."""
-    import sys
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
-    try:
-        import transformers
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
-    try:
-        return run(args)
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None
