@@ -114,8 +114,8 @@ def run(argv: Optional[list[str]] = None) -> list[dict]:
     try:
         trainer = Trainer(spec)
         history = trainer.run()
-    except KeyboardInterrupt:  # the second Ctrl-C: stop at once
-        raise KeyboardInterrupt("second Ctrl-C: nothing saved since the last checkpoint") from None
+    except KeyboardInterrupt as exc:  # the second Ctrl-C: stop at once (it says what was kept)
+        raise KeyboardInterrupt(str(exc) or "second Ctrl-C: nothing saved since the last checkpoint") from None
     save = spec.cfg.checkpoint.save
     if world.rank == 0 and trainer.stop_reason:
         if trainer.saved_step == trainer.step and save:
