@@ -176,6 +176,10 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    # megatron-core logs a failed checkpoint write before raising it; the error is reported once, in one line
+    import logging
+
+    logging.getLogger("megatron.core.dist_checkpointing").setLevel(logging.CRITICAL)
     if "transformers" in sys.modules:
         sys.modules["transformers"].logging.set_verbosity_error()
     else:

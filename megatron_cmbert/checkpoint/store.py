@@ -427,6 +427,12 @@ def _save_error(path: str, exc: BaseException) -> str:
             return (f"{path}: cannot save ({reason}; {free / 2**30:.2f} GiB free): nothing of it is kept, the "
                     f"previous checkpoint and the latest marker are untouched; make room and resume with --load")
         chain = chain.__cause__ or chain.__context__
+    folder = os.path.dirname(path)
+    usage = shutil.disk_usage(folder) if os.path.isdir(folder) else None
+    if usage and usage.free < max(4 << 20, usage.total // 200):  # torch's serializer words ENOSPC its own way
+        return (f"{path}: cannot save (the filesystem is full: {usage.free / 2**30:.2f} GiB free; "
+                f"{_one_line(inner)[:120]}): nothing of it is kept, the previous checkpoint and the latest marker "
+                f"are untouched; make room and resume with --load")
     return f"{path}: cannot save ({_one_line(inner)})"
 
 

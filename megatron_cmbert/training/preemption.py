@@ -41,6 +41,7 @@ class StopSignal:
         self.sigints = 0
         self._saving = False
         self._interrupt_after_save = False
+        self._finishing = False
         self._previous: dict[int, object] = {}
         self._owner = os.getpid()
 
@@ -51,7 +52,10 @@ class StopSignal:
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # a run that is stopping on Ctrl-C ends quietly: a further one during the process's own shutdown
+            # (the checkpoint writer's finalisers) would only print a traceback
+            stopping_on_ctrl_c = sig == signal.SIGINT and self.received == "SIGINT"
+            signal.signal(sig, signal.SIG_IGN if stopping_on_ctrl_c else handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
@@ -64,6 +68,9 @@ class StopSignal:
         if name == "SIGINT":
             self.sigints += 1
             if self.sigints > 1:
+                if self._finishing:  # the run is already ending (its last save comes next): let it
+                    os.write(2, b"Ctrl-C again: the run is already stopping\n")
+                    return
                 if self._saving:  # never leave the checkpoint being written half done
                     self._interrupt_after_save = True
                     os.write(2, b"Ctrl-C again: stopping once the checkpoint being written is complete\n")
@@ -74,6 +81,11 @@ class StopSignal:
         if self.received is None:  # the first one names the stop: torchrun follows a Ctrl-C with SIGTERM
             self.received = name
 
+    def finishing(self) -> None:
+        """The training loop is over: what follows (the loader's shutdown, the final save) runs to its end;
+        a further Ctrl-C only says so."""
+        self._finishing = True
+
     @contextlib.contextmanager
     def saving(self):
         """The block writes a checkpoint: a second Ctrl-C waits for it to finish, then stops the run."""
@@ -82,7 +94,7 @@ class StopSignal:
             yield
         finally:
             self._saving = False
-        if self._interrupt_after_save:
+        if self._interrupt_after_save and not self._finishing:
             raise KeyboardInterrupt("second Ctrl-C: stopped after the checkpoint was written")
 
     def local_reason(self) -> Optional[str]:

@@ -293,7 +293,8 @@ class Trainer:
         stop.install()
         history = []
         try:
-            for micro_batches in loader:
+            steps = iter(loader)
+            for micro_batches in steps:
                 # the stop requests travel with the next step's all-reduce: none before this run's first step,
                 # so a stop comes after a step, as before
                 stats = self.train_step(micro_batches, stop if self.step > self.start_step else None)
@@ -317,6 +318,8 @@ class Trainer:
                 if ck.exit_interval and self.step % ck.exit_interval == 0:
                     self.stop_reason = f"--exit-interval {ck.exit_interval}"
                     break
+            stop.finishing()  # a Ctrl-C from here on cannot interrupt the loader's shutdown or the last save
+            del steps  # the loader's workers end here
             if ck.save and self.step != self.saved_step:
                 with self.meter.paused(), stop.saving():
                     self.save()
