@@ -60,6 +60,14 @@ def _constant(rate: float, step: int) -> float:
     return rate
 
 
+def end_workers(steps) -> None:
+    """Shut a DataLoader iterator's worker processes down now (idempotent). They ignore the stop signals
+    (data/pretrain_data.py), so they must be ended by their loader, not by the interpreter's exit."""
+    shutdown = getattr(steps, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def max_mask_rate(schedule) -> float:
     """The highest masking rate the schedule reaches (it bounds the predicted tokens of a micro-batch)."""
     return schedule.mask_rate if schedule.mask_schedule == "constant" else schedule.mask_rate_max
@@ -291,7 +299,7 @@ class Trainer:
             self._print(f"nothing to do: step {self.step} is --train-iters {total}")
         stop = StopSignal(ck.exit_duration_in_mins)
         stop.install()
-        history = []
+        history, steps = [], None
         try:
             steps = iter(loader)
             for micro_batches in steps:
@@ -319,11 +327,12 @@ class Trainer:
                     self.stop_reason = f"--exit-interval {ck.exit_interval}"
                     break
             stop.finishing()  # a Ctrl-C from here on cannot interrupt the loader's shutdown or the last save
-            del steps  # the loader's workers end here
+            end_workers(steps)
             if ck.save and self.step != self.saved_step:
                 with self.meter.paused(), stop.saving():
                     self.save()
         finally:
+            end_workers(steps)  # on an error too: the workers ignore SIGTERM, so exit would wait for them
             stop.uninstall()
             self.metrics.close()
         return history
