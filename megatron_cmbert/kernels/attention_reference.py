@@ -78,8 +78,10 @@ class ReferencePlan:
 
 
 def block_size(window: tuple[int, int]) -> int:
-    """Queries per block: about the window's width (fewer pairs per query below it, more gathered keys)."""
-    return max(16, -(-(window[0] + window[1]) // 16) * 16)
+    """Queries per block: about half the window's width, a multiple of 16 (smaller blocks gather every key
+    more often, larger ones compute more masked pairs; at window (64, 64) on CPU, 64 ran best of 16..256:
+    docs/KERNELS.md)."""
+    return max(16, -(-(window[0] + window[1]) // 32) * 16)
 
 
 def plan(layout: PackedLayout, window=(-1, -1)) -> ReferencePlan:
