@@ -3,7 +3,7 @@
 Runs on CPU and GPU with autograd, through torch's `scaled_dot_product_attention` (on CPU its fused kernel:
 softmax in fp32, nothing of size L^2 saved for backward). No attention crosses a sequence boundary. The plan,
 made once per micro-batch and window from the layout's host-side lengths, lays the packed batch out in one
-of two ways, whichever computes fewer query-key pairs (both exact; docs/KERNELS.md has the measurements):
+of two ways, whichever computes fewer query-key pairs (both exact; docs/KERNELS.md, issue 22):
 
 - `documents`: consecutive sequences of equal length form runs; each run is a (count, length) view of the
   packed tensor (no copy) and one SDPA call. Several runs are cut apart by one `split` (its backward
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from megatron_cmbert.kernels.varlen import PackedLayout, plan_from_cu_seqlens
 
 # `blocks` is chosen when its pairs are below this share of `documents`' pairs: it also gathers every key
-# (block + left + right) / block times, which `documents` does not (measured on CPU, docs/KERNELS.md).
+# (block + left + right) / block times, which `documents` does not.
 BLOCKS_PAIR_SHARE = 0.75
 
 
@@ -79,8 +79,8 @@ class ReferencePlan:
 
 def block_size(window: tuple[int, int]) -> int:
     """Queries per block: about half the window's width, a multiple of 16 (smaller blocks gather every key
-    more often, larger ones compute more masked pairs; at window (64, 64) on CPU, 64 ran best of 16..256:
-    docs/KERNELS.md)."""
+    more often, larger ones compute more masked pairs; at window (64, 64) on CPU, 64 ran best of 16..256 in
+    issue 22's measurement)."""
     return max(16, -(-(window[0] + window[1]) // 32) * 16)
 
 

@@ -69,7 +69,7 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, th
 class _GegluInterleaved(torch.autograd.Function):
     """gelu(x[..., 0::2]) * x[..., 1::2] for the model's Wi layout (channels interleaved [input_c; gate_c]).
 
-    Elementwise ops on stride-2 views fall off PyTorch's vectorised CPU loops (GELU's erf by a factor of ~10),
+    Elementwise ops on stride-2 views fall off PyTorch's vectorised CPU loops (GELU's erf runs scalar),
     and autograd through the two slices zero-fills two full-size gradients. Here GELU runs over the whole
     contiguous x (twice the erf work, vectorised: still several times faster; the gate channels' values are
     unused), only the products read stride-2, and the backward writes both channels of one gradient
