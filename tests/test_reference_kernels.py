@@ -187,3 +187,38 @@ def test_interleaved_geglu_backward_by_gradcheck():
     assert torch.autograd.gradcheck(lambda t: geglu_reference(t, interleaved=True), (x,))
     naive = F.gelu(x[..., 0::2]) * x[..., 1::2]
     torch.testing.assert_close(geglu_reference(x, interleaved=True), naive, rtol=0, atol=1e-15)
+
+
+def test_rope_and_geglu_trace_whole_under_torch_compile():
+    """--compile wraps encoder layers in torch.compile: both Functions must trace without a graph break,
+    forward and backward (aot_eager: the same tracing, no C++ compiler needed)."""
+    positions = torch.arange(6)
+
+    def layer_ops(x, q, k):
+        qr, kr = rope_reference(q, k, positions, 1e4)
+        return geglu_reference(x, interleaved=True).square().sum() + (qr * kr).sum()
+
+    leaves = [torch.randn(6, 32), torch.randn(6, 2, 8), torch.randn(6, 2, 8)]
+    eager = [t.clone().requires_grad_() for t in leaves]
+    traced = [t.clone().requires_grad_() for t in leaves]
+    layer_ops(*eager).backward()
+    torch._dynamo.reset()
+    torch.compile(layer_ops, backend="aot_eager", fullgraph=True)(*traced).backward()
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_attention_runs_eagerly_inside_a_compiled_layer():
+    """attend's shapes follow the data, so it is torch.compiler.disable'd: a compiled caller breaks the
+    graph around it and gets the eager result and gradients."""
+    plan = ref.plan(PackedLayout.from_lengths([5, 0, 11, 3]), (2, 2))
+    fused, grad = qkv([5, 11, 3])
+
+    def layer(t):
+        return (ref.attend(*(2 * t).unbind(2), plan) * grad).sum()
+
+    eager, traced = fused.clone().requires_grad_(), fused.clone().requires_grad_()
+    layer(eager).backward()
+    torch._dynamo.reset()
+    torch.compile(layer, backend="aot_eager")(traced).backward()
+    torch.testing.assert_close(eager.grad, traced.grad, atol=1e-6, rtol=1e-6)

@@ -4,7 +4,7 @@ kernels/attention_reference.py.)
 
 They are also the CPU path, so RoPE and the model's interleaved GeGLU are autograd Functions with hand-written
 backwards: the same floating-point operations as Hugging Face ModernBERT's forward (RoPE bitwise; GeGLU to
-fp32 ulps), without the copies that autograd through slices and `cat` makes.
+fp32 ulps), without the copies that autograd through slices and `cat` makes, and traceable by torch.compile.
 """
 from __future__ import annotations
 
@@ -70,30 +70,27 @@ class _GegluInterleaved(torch.autograd.Function):
     """gelu(x[..., 0::2]) * x[..., 1::2] for the model's Wi layout (channels interleaved [input_c; gate_c]).
 
     Elementwise ops on stride-2 views fall off PyTorch's vectorised CPU loops (GELU's erf runs scalar),
-    and autograd through the two slices zero-fills two full-size gradients. Here GELU runs over the whole
-    contiguous x (twice the erf work, vectorised: still several times faster; the gate channels' values are
-    unused), only the products read stride-2, and the backward writes both channels of one gradient
-    directly. The per-element ops are HF's chunked GeGLU's; the values agree to fp32 ulps (torch's CPU GELU
-    rounds a contiguous tensor and a strided view differently in the last bit)."""
+    and autograd through the two slices zero-fills two full-size gradients. Here the GELU input channels
+    are copied out once (a plain strided copy), GELU and its derivative run vectorised on that contiguous
+    copy, only the products read the gate at stride 2, and the backward interleaves both channels of the
+    gradient with one `stack` (no out= into strided views, so torch.compile traces it). Only x is saved.
+    The per-element ops are HF's chunked GeGLU's; the values agree to fp32 ulps (torch's CPU GELU rounds a
+    contiguous tensor and HF's strided chunk view differently in the last bit)."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
         pairs = x.unflatten(-1, (-1, 2))
-        return F.gelu(x).unflatten(-1, (-1, 2))[..., 0] * pairs[..., 1]
+        return F.gelu(pairs[..., 0].contiguous()) * pairs[..., 1]
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         pairs = x.unflatten(-1, (-1, 2))
-        activated = F.gelu(x).unflatten(-1, (-1, 2))[..., 0]  # recomputed: saving it would cost x's size
-        grad_x = torch.empty_like(x)
-        both = grad_x.unflatten(-1, (-1, 2))
-        torch.mul(grad, pairs[..., 1], out=both[..., 0])  # d/d(gelu input) before GELU's derivative
-        both[..., 1].zero_()
-        torch.ops.aten.gelu_backward.grad_input(grad_x, x, grad_input=grad_x)  # one vectorised pass
-        torch.mul(grad, activated, out=both[..., 1])  # d/d(gate), over the unused derivative
-        return grad_x
+        activated_input = pairs[..., 0].contiguous()  # recomputed: saving it would cost half of x's size
+        grad_input = torch.ops.aten.gelu_backward(grad * pairs[..., 1], activated_input)
+        grad_gate = grad * F.gelu(activated_input)
+        return torch.stack((grad_input, grad_gate), dim=-1).flatten(-2)
 
 
 def split(x: torch.Tensor, interleaved: bool):
