@@ -136,6 +136,7 @@ def hf_rope(q, k, positions, theta):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_equals_hf_formula_forward_and_backward(dtype):
+    torch.manual_seed(0)
     positions = torch.tensor([0, 1, 2, 3, 0, 1, 0, 700])
     fused = torch.randn(8, 3, 3, 16).to(dtype)  # q, k: strided views, as in the model
     grads = torch.randn(2, 8, 3, 16).to(dtype)
@@ -155,6 +156,7 @@ def test_rope_equals_hf_formula_forward_and_backward(dtype):
 
 
 def test_rope_backward_by_gradcheck():
+    torch.manual_seed(1)
     positions = torch.tensor([0, 3, 1, 9])
     q, k = (torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
     # the math is fp32 (HF's): gradcheck the linear map with fp32-level tolerance
@@ -165,8 +167,9 @@ def test_rope_backward_by_gradcheck():
 # ---- GeGLU --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(5, 2 * 7), (2, 3, 2 * 96), (4, 2 * 1152)])
 def test_interleaved_geglu_equals_hf_chunk_on_deinterleaved_numbers(shape):
-    x = 2 * torch.randn(shape)
-    g = torch.randn(*shape[:-1], shape[-1] // 2)
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = 2 * torch.randn(shape, generator=gen)
+    g = torch.randn(*shape[:-1], shape[-1] // 2, generator=gen)
     halves = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)  # [all inputs; all gates], HF's layout
     mine, theirs = x.clone().requires_grad_(), halves.clone().requires_grad_()
     out = geglu_reference(mine, interleaved=True)
@@ -176,13 +179,15 @@ def test_interleaved_geglu_equals_hf_chunk_on_deinterleaved_numbers(shape):
     expected.backward(g)
     grad = theirs.grad.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
     # The same per-element ops, but torch's CPU GELU rounds a contiguous tensor and a strided view (HF's
-    # chunk) differently in the last bit (the erf tail near -1 cancels): a few fp32 ulps at the output's scale.
-    ulps = lambda t: 4 * torch.finfo(torch.float32).eps * t.abs().max().item()  # noqa: E731
+    # chunk) differently in the last bit (the erf tail near -1 cancels): a few fp32 ulps at the output's scale
+    # (at most 3.5 over 300 random draws; 8 allowed).
+    ulps = lambda t: 8 * torch.finfo(torch.float32).eps * t.abs().max().item()  # noqa: E731
     torch.testing.assert_close(out, expected, atol=ulps(expected), rtol=0)
     torch.testing.assert_close(mine.grad, grad, atol=ulps(grad), rtol=0)
 
 
 def test_interleaved_geglu_backward_by_gradcheck():
+    torch.manual_seed(2)
     x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: geglu_reference(t, interleaved=True), (x,))
     naive = F.gelu(x[..., 0::2]) * x[..., 1::2]
@@ -192,6 +197,7 @@ def test_interleaved_geglu_backward_by_gradcheck():
 def test_rope_and_geglu_trace_whole_under_torch_compile():
     """--compile wraps encoder layers in torch.compile: both Functions must trace without a graph break,
     forward and backward (aot_eager: the same tracing, no C++ compiler needed)."""
+    torch.manual_seed(3)
     positions = torch.arange(6)
 
     def layer_ops(x, q, k):
