@@ -215,6 +215,14 @@ def test_a_second_ctrl_c_during_a_save_waits_for_it(stop):
     assert finished == [True]
 
 
+def test_sigterm_during_a_save_says_the_save_finishes_first(stop, capfd):
+    with stop.saving():
+        os.kill(os.getpid(), signal.SIGTERM)
+        _wait_for(lambda: stop.received)
+    assert stop.check() == "SIGTERM"
+    assert "SIGTERM: finishing the checkpoint being written, then stopping" in capfd.readouterr().err
+
+
 def test_forked_child_ignores_ctrl_c_and_sigterm(stop):
     """A forked child (a loader worker, a checkpoint writer's helper) inherits the handlers: torchrun's stop
     reaches the whole process group, and the child must survive it until its parent ends it."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 from typing import Optional
 
@@ -115,7 +116,12 @@ def run(argv: Optional[list[str]] = None) -> list[dict]:
         trainer = Trainer(spec)
         history = trainer.run()
     except KeyboardInterrupt as exc:  # the second Ctrl-C: stop at once (it says what was kept)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # and quietly: a third would only add a traceback
         raise KeyboardInterrupt(str(exc) or "second Ctrl-C: nothing saved since the last checkpoint") from None
+    if trainer.ctrl_c_received:
+        # a run stopping on Ctrl-C ends quietly: a further one during the process's own shutdown (the
+        # checkpoint writer's finalisers, torchrun's teardown) would only print a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     save = spec.cfg.checkpoint.save
     if world.rank == 0 and trainer.stop_reason:
         if trainer.saved_step == trainer.step and save:

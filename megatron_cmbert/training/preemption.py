@@ -51,11 +51,9 @@ class StopSignal:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
+        """Put back the handlers install() found (a library caller's own Ctrl-C handling comes back)."""
         for sig, handler in self._previous.items():
-            # a run that is stopping on Ctrl-C ends quietly: a further one during the process's own shutdown
-            # (the checkpoint writer's finalisers) would only print a traceback
-            stopping_on_ctrl_c = sig == signal.SIGINT and self.received == "SIGINT"
-            signal.signal(sig, signal.SIG_IGN if stopping_on_ctrl_c else handler)
+            signal.signal(sig, handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
@@ -80,6 +78,8 @@ class StopSignal:
             os.write(2, b"Ctrl-C: stopping cleanly after this step (saving first); press again to stop at once\n")
         if self.received is None:  # the first one names the stop: torchrun follows a Ctrl-C with SIGTERM
             self.received = name
+            if self._saving and name != "SIGINT":
+                os.write(2, f"{name}: finishing the checkpoint being written, then stopping\n".encode())
 
     def finishing(self) -> None:
         """The training loop is over: what follows (the loader's shutdown, the final save) runs to its end;

@@ -99,6 +99,7 @@ class Trainer:
         self.valid_loss: Optional[float] = None
         self.saved_step = None  # the step of the checkpoint in --save that this run wrote or loaded
         self.stop_reason: Optional[str] = None
+        self.ctrl_c_received = False  # this process saw a Ctrl-C (the agreed stop_reason may name another)
         self._load()
         self.start_step = self.step
         self._clear_later_checkpoints = cfg.checkpoint.overwrite
@@ -333,6 +334,7 @@ class Trainer:
                     self.save()
         finally:
             end_workers(steps)  # on an error too: the workers ignore SIGTERM, so exit would wait for them
+            self.ctrl_c_received = stop.received == "SIGINT"
             stop.uninstall()
             self.metrics.close()
         return history
