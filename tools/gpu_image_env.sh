@@ -26,8 +26,15 @@ VENV="${1:-/tmp/cmbert-gpu-image}"
 MAIN_ROOT="$(dirname "$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null || echo "$PWD/.git")")"
 WHEELS="${WHEELS:-$MAIN_ROOT/../shared/wheels}"
 LOGS="$VENV/logs"
-PY312="${PYTHON312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)}"
-[ -x "$PY312" ] || { echo "error: no python3.12 (set PYTHON312=...; pyenv install 3.12)" >&2; exit 2; }
+# The first python3.12 that runs: a pyenv shim is on PATH even where pyenv's global version is another one.
+PY312="${PYTHON312:-}"
+if [ -z "$PY312" ]; then
+    for cand in $(command -v python3.12) "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+        if [ -x "$cand" ] && "$cand" -c "import sys" >/dev/null 2>&1; then PY312=$cand; break; fi
+    done
+fi
+[ -n "$PY312" ] && "$PY312" -c "import sys" >/dev/null 2>&1 \
+    || { echo "error: no working python3.12 (set PYTHON312=...; pyenv install 3.12)" >&2; exit 2; }
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY312" -m venv "$VENV" || exit 1
