@@ -225,7 +225,7 @@ class StableAdamW(torch.optim.Optimizer):
             batches.setdefault(key, (group, state["step"], []))[2].append(i)
 
         # Pass 1: moments and each tensor's sum of g^2 / max(v, eps^2) = ||g / sqrt(max(v, eps^2))||^2.
-        sums = [None] * len(work)
+        sums, order = [], []  # per batch, in batch order; put back in work order below
         for group, step, idx in batches.values():
             (beta1, beta2), eps = group["betas"], group["eps"]
             b1, b2 = _debiased(beta1, step), _debiased(beta2, step)
@@ -239,11 +239,17 @@ class StableAdamW(torch.optim.Optimizer):
             up = (lambda ts: [t.to(dtype) for t in ts]) if dtype != grads[0].dtype else (lambda ts: ts)
             scaled = torch._foreach_div(up(grads), torch._foreach_sqrt(torch._foreach_clamp_min(up(exp_avg_sqs),
                                                                                               eps * eps)))
-            for i, norm in zip(idx, torch._foreach_norm(scaled, 2.0)):
-                sums[i] = norm.double() * norm.double()
+            norms = torch.stack(torch._foreach_norm(scaled, 2.0)).double()  # one stack, not a cast per tensor
+            sums.append(norms * norms)
+            order.extend(idx)
 
         # One all-reduce of [sums of sharded tensors..., their counts...] for the logical-tensor means.
-        sums = torch.stack(sums)
+        sums = torch.cat(sums)
+        if order != sorted(order):  # batches interleave: back to work order (a host-built index, no sync)
+            inverse = [0] * len(order)
+            for position, i in enumerate(order):
+                inverse[i] = position
+            sums = sums[torch.tensor(inverse, device=sums.device)]
         counts = torch.tensor([float(p.grad.numel()) for _, p, _ in work], dtype=torch.float64, device=sums.device)
         if _active(self.tp_group):
             split = [i for i, (_, p, _) in enumerate(work) if is_tensor_parallel(p)]
