@@ -33,6 +33,8 @@ class ParallelLayout:
         """The group sharded tensors are reduced over (optimizer update RMS, grad-norm clip); None at TP=1."""
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.token_multiple = self.ranks.tp_size if self.sequence_parallel else 1
+        """What a micro-batch's token count must divide by: sequence parallelism splits it over TP ranks."""
 
     def build_model(self, config, compile: bool = False):
         """CMBertForMaskedLM with the spec this layout needs, on this rank's device; with `compile` each

@@ -119,7 +119,7 @@ class Trainer:
         seed = self.cfg.seed
         self.shape = MicroBatchShape.for_run(data.micro_batch_size, data.seq_length,
                                              max(max_mask_rate(self.schedule), data.eval_mask_rate),
-                                             self.ranks.tp_size if self.cfg.parallel.sequence_parallel else 1)
+                                             self.parallel.token_multiple)
         self.train_data = PretrainSamples(data.data_path, data.split, "train", data.seq_length, seed,
                                           self.schedule.train_iters * gbs, masking, cache_dir=data.data_cache_path)
         self.valid_data = None
