@@ -167,6 +167,10 @@ def run(argv: Optional[list[str]] = None) -> dict:
     print(f"InfoNCE per epoch: {', '.join(f'{x:.4f}' for x in losses)}")
     os.makedirs(args.output_dir, exist_ok=True)
     if not args.no_save:
+        if args.no_progress:  # the export's check reloads the model: transformers' own "Loading weights" bars
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         save_model(encoder, os.path.join(args.output_dir, "model"), args.max_length)
     results = {"encoder": encoder.name, **counts, "hard_negatives_used": not args.no_hard_negatives,
                "mix_ratio": args.mix_ratio, "t2ranking": args.t2ranking, "t2ranking_splits": args.t2ranking_splits,
