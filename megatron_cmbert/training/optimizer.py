@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -142,6 +144,14 @@ def _debiased(beta: float, step: int) -> float:
     return beta * (1.0 - beta ** (step - 1)) / (1.0 - beta ** step)
 
 
+@dataclass
+class _StepIndices:
+    batches: list  # per batch: its tensors' positions in the step's work list (long, on the device)
+    inverse: Optional[torch.Tensor]  # batch order -> work order, when the batches interleave
+    counts: torch.Tensor  # elements per tensor (fp64)
+    split: Optional[torch.Tensor]  # positions of the tensor-parallel (sharded) tensors
+
+
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with per-tensor update clipping (module docstring). Defaults are the paper's: betas (0.9, 0.95),
     weight decay 0.1 (param_groups gives norm weights and biases 0.0), eps 1e-6.
@@ -194,6 +204,26 @@ class StableAdamW(torch.optim.Optimizer):
                     state[key].copy_(loaded[f"optimizer.{names[p]}.{key}"])
                 state["step"] = loaded["optimizer_steps"][names[p]]
 
+    def _indices(self, work, batches, order, device) -> "_StepIndices":
+        """The step's index tensors on the device, built once per batching of the tensors and reused: a copy
+        of a host list to a GPU waits for the device, so building them every step would be a host sync."""
+        key = (device, tuple(id(p) for _, p, _ in work), tuple(tuple(idx) for _, _, idx in batches.values()))
+        cached = getattr(self, "_index_cache", None)
+        if cached is None or cached[0] != key:
+            as_index = lambda ix: torch.tensor(ix, dtype=torch.long, device=device)  # noqa: E731
+            inverse = None
+            if order != sorted(order):
+                inverse = [0] * len(order)
+                for position, i in enumerate(order):
+                    inverse[i] = position
+                inverse = as_index(inverse)
+            split = [i for i, (_, p, _) in enumerate(work) if is_tensor_parallel(p)]
+            counts = torch.tensor([float(p.grad.numel()) for _, p, _ in work], dtype=torch.float64, device=device)
+            cached = self._index_cache = (key, _StepIndices(
+                batches=[as_index(idx) for _, _, idx in batches.values()], inverse=inverse, counts=counts,
+                split=as_index(split) if split else None))
+        return cached[1]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -244,29 +274,25 @@ class StableAdamW(torch.optim.Optimizer):
             order.extend(idx)
 
         # One all-reduce of [sums of sharded tensors..., their counts...] for the logical-tensor means.
+        index = self._indices(work, batches, order, sums[0].device)
         sums = torch.cat(sums)
-        if order != sorted(order):  # batches interleave: back to work order (a host-built index, no sync)
-            inverse = [0] * len(order)
-            for position, i in enumerate(order):
-                inverse[i] = position
-            sums = sums[torch.tensor(inverse, device=sums.device)]
-        counts = torch.tensor([float(p.grad.numel()) for _, p, _ in work], dtype=torch.float64, device=sums.device)
-        if _active(self.tp_group):
-            split = [i for i, (_, p, _) in enumerate(work) if is_tensor_parallel(p)]
-            if split:
-                idx = torch.tensor(split, dtype=torch.long, device=sums.device)
-                packed = torch.cat([sums[idx], counts[idx]])
-                _all_reduce_sum(packed, self.tp_group)
-                sums[idx], counts[idx] = packed[:len(split)], packed[len(split):]
+        if index.inverse is not None:  # batches interleave: back to work order
+            sums = sums[index.inverse]
+        counts = index.counts
+        if _active(self.tp_group) and index.split is not None:
+            packed = torch.cat([sums[index.split], counts[index.split]])
+            _all_reduce_sum(packed, self.tp_group)
+            counts = counts.clone()  # the cached tensor stays intact (sums is this step's own)
+            sums[index.split], counts[index.split] = packed[:len(index.split)], packed[len(index.split):]
         rms = (sums / counts).sqrt()  # stays on the device: no host sync in the step
         scale = 1.0 / rms.clamp(min=1.0)  # lr_t = lr / max(1, rms)
 
         # Pass 2: clipped learning rate, decoupled weight decay, Adam update; per-tensor factors as 0-d
         # device tensors (torch.optim's capturable trick: fold -lr_t into the denominator).
-        for group, step, idx in batches.values():
+        for (group, step, idx), device_idx in zip(batches.values(), index.batches):
             params = [work[i][1] for i in idx]
             exp_avgs = [work[i][2]["exp_avg"] for i in idx]
-            lr_t = (scale[idx] * group["lr"]).to(params[0].dtype)
+            lr_t = (scale[device_idx] * group["lr"]).to(params[0].dtype)
             if group["weight_decay"] != 0.0:
                 torch._foreach_mul_(params, list((1.0 - lr_t * group["weight_decay"]).unbind()))
             denom = torch._foreach_sqrt([work[i][2]["exp_avg_sq"] for i in idx])
