@@ -204,13 +204,14 @@ class StableAdamW(torch.optim.Optimizer):
                     state[key].copy_(loaded[f"optimizer.{names[p]}.{key}"])
                 state["step"] = loaded["optimizer_steps"][names[p]]
 
-    def _indices(self, work, batches, order, device) -> "_StepIndices":
+    def _indices(self, work, batches, device) -> "_StepIndices":
         """The step's index tensors on the device, built once per batching of the tensors and reused: a copy
         of a host list to a GPU waits for the device, so building them every step would be a host sync."""
         key = (device, tuple(id(p) for _, p, _ in work), tuple(tuple(idx) for _, _, idx in batches.values()))
         cached = getattr(self, "_index_cache", None)
         if cached is None or cached[0] != key:
             as_index = lambda ix: torch.tensor(ix, dtype=torch.long, device=device)  # noqa: E731
+            order = [i for _, _, idx in batches.values() for i in idx]  # the batches' sums, concatenated
             inverse = None
             if order != sorted(order):
                 inverse = [0] * len(order)
@@ -255,7 +256,7 @@ class StableAdamW(torch.optim.Optimizer):
             batches.setdefault(key, (group, state["step"], []))[2].append(i)
 
         # Pass 1: moments and each tensor's sum of g^2 / max(v, eps^2) = ||g / sqrt(max(v, eps^2))||^2.
-        sums, order = [], []  # per batch, in batch order; put back in work order below
+        sums = []  # per batch, in batch order; put back in work order below
         for group, step, idx in batches.values():
             (beta1, beta2), eps = group["betas"], group["eps"]
             b1, b2 = _debiased(beta1, step), _debiased(beta2, step)
@@ -271,10 +272,9 @@ class StableAdamW(torch.optim.Optimizer):
                                                                                               eps * eps)))
             norms = torch.stack(torch._foreach_norm(scaled, 2.0)).double()  # one stack, not a cast per tensor
             sums.append(norms * norms)
-            order.extend(idx)
 
         # One all-reduce of [sums of sharded tensors..., their counts...] for the logical-tensor means.
-        index = self._indices(work, batches, order, sums[0].device)
+        index = self._indices(work, batches, sums[0].device)
         sums = torch.cat(sums)
         if index.inverse is not None:  # batches interleave: back to work order
             sums = sums[index.inverse]
