@@ -7,8 +7,8 @@
 #   bash tools/gpu_image_env.sh [VENV_DIR]      # default /tmp/cmbert-gpu-image; reuses an existing one
 #   PYTHON312=/path/to/python3.12 bash tools/gpu_image_env.sh
 #
-# Versions and why (the image, as KINDS.md of the device tool lists it: python 3.12.3, torch 2.11.0+cu130,
-# triton 3.6.0, numpy 2.5.2, tokenizers 0.23.2, transformers 5.17.0; pyenv's 3.12 here may be another 3.12.x):
+# Versions and why (the image's versions and the carried wheels: docs/BENCHMARKS.md, "The GPU image and the
+# carried wheels"; pyenv's 3.12 here may be another 3.12.x):
 #   - torch 2.11.0: PyPI has it for cp312 x86_64 only as the CUDA 13 build (the +cpu build is on another index,
 #     not reachable from here), which pulls ~3.5 GB of nvidia-* wheels. It imports and runs on a machine without
 #     a GPU (torch.cuda.is_available() is False), so that build is used: ~5 GB in VENV_DIR, a few minutes.
@@ -22,7 +22,8 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 VENV="${1:-/tmp/cmbert-gpu-image}"
-# The carried cp312 wheels (megatron-core, psutil, rjieba, torch-optimi): shared/ beside the main checkout.
+# The carried cp312 wheels (megatron-core, psutil, rjieba, torch-optimi; docs/BENCHMARKS.md): by default in
+# shared/wheels beside the main checkout, WHEELS=DIR for another folder.
 MAIN_ROOT="$(dirname "$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null || echo "$PWD/.git")")"
 WHEELS="${WHEELS:-$MAIN_ROOT/../shared/wheels}"
 LOGS="$VENV/logs"
