@@ -379,3 +379,14 @@ def test_optimizer_launches_do_not_grow_with_the_number_of_tensors():
     # and no tensor built from a host list once the step's indices exist (torch.tensor(list) dispatches
     # lift_fresh): on a GPU each such copy waits for the device
     assert "aten::lift_fresh" not in many, [n for n in many if n == "aten::lift_fresh"]
+
+
+def test_bench_optimizer_counts_a_step_without_device_reads():
+    """tools/bench_optimizer.py (the docs' op counts): the tiny model's clip + step reads nothing back and
+    builds no tensor from host lists (the per-tensor optimizer before it read one and built one)."""
+    from tools import bench_optimizer
+
+    (row,) = bench_optimizer.run(["--presets", "tiny"])
+    assert row["tensors"] == len(list(_cmbert_with_grads(0).parameters()))
+    assert 0 < row["ops"] < row["tensors"] * 4  # a handful per batch of tensors, not ~25 per tensor
+    assert row["device_reads"] == 0 and row["host_built_tensors"] == 0
